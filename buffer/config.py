@@ -1,0 +1,24 @@
+"""The `buffer` config section: where the Redis staleness buffer lives and which staleness rule it enforces."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BufferConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # None: the launcher starts an embedded redis-server on a free loopback port with a generated password.
+    # Otherwise e.g. "redis://10.0.0.5:6379/0"; the password never goes here, it comes from `password_env`.
+    redis_url: str | None = None
+    password_env: str = "STALEFLOW_REDIS_PASSWORD"
+    prefix: str = Field("staleflow", description="Key prefix; one run = one prefix.")
+
+    policy: Literal["bounded", "fixed", "unbounded"] = "bounded"
+    max_staleness: int = Field(4, ge=0, description="bounded: drop samples staler than this; fixed: the lag s.")
+    batch_groups: int = Field(8, ge=1, description="Groups (prompts) per learner update.")
+    capacity_groups: int = Field(256, ge=1, description="Most groups the stream may hold; producers wait beyond.")
+    dead_letter_maxlen: int = Field(10_000, ge=1)
+    aof: bool = Field(True, description="Embedded Redis: append-only file on (runs) or off (tests).")

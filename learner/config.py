@@ -1,0 +1,36 @@
+"""The `learner` config section: the loss, the optimiser and the DeepSpeed engine."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LossName = Literal["m2po", "m2po_released", "ppo_clip", "no_trust_region", "tis", "gspo", "cispo"]
+
+
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loss: LossName = "m2po"
+    loss_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {tau: 0.04} or {eps_high: 0.28}.")
+    behaviour_logp: Literal["rollout", "recompute"] = Field(
+        "rollout", description="rollout: the engine's log-probs; recompute: the learner's, at generation version."
+    )
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: int = Field(100, ge=1, description="Optimizer updates (= policy versions) to train.")
+    micro_batch_tokens: int = Field(8192, ge=16, description="Token budget of a micro-batch (padding included).")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_processes: int = Field(1, ge=1, description="Data-parallel ranks.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per learner rank (0 on CPU).")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    cpu_threads: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(10, ge=0, description="0 = never.")
+    seed: int = 0

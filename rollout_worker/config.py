@@ -1,0 +1,41 @@
+"""The `task` and `rollout` config sections: what the workers generate and how."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A built-in name ("arithmetic", "math") or a plug-in path "package.module:function" returning a Task.
+    name: str = "arithmetic"
+    data_path: str | None = Field(None, description="math: a local JSONL or parquet file of prompts/answers.")
+    prompt_template: str | None = Field(None, description="Name of a bundled template or a str.format template.")
+    eval_size: int = Field(200, ge=1, description="Held-out prompts for evaluation.")
+    reward_timeout_s: float = Field(5.0, gt=0)
+    seed: int = 0
+
+
+class RolloutConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    n: int = Field(8, ge=1, description="Responses per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    groups_per_batch: int = Field(8, ge=1, description="Prompts a worker generates per engine call.")
+    partial: bool = Field(False, description="Interrupt generation to load newer weights mid-batch.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(512, ge=16)
+    cpu_kvcache_gib: int = Field(1, ge=1)
+    cpu_threads: int = Field(1, ge=1, description="Torch/OMP threads of a CPU engine.")
+    max_restarts: int = Field(3, ge=0)
+    seed: int = 0
