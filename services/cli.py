@@ -1,9 +1,11 @@
-"""The `staleflow` command line. Each command is a thin shell over a function of services/ (or a side)."""
+"""The `staleflow` command line. Each command is a thin shell over one function elsewhere, imported lazily
+so that `staleflow --help` stays fast and a command's heavy deps (vLLM, DeepSpeed) load only when used."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,9 +19,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
+buffer_app = typer.Typer(help="Inspect a running staleness buffer.", no_args_is_help=True)
+experiment_app = typer.Typer(help="Reproducible experiments.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+app.add_typer(buffer_app, name="buffer")
+app.add_typer(experiment_app, name="experiment")
 
 err = Console(stderr=True, soft_wrap=True)
+ARGS = typer.Argument(None, help="Config files (*.yaml) and dotted overrides (key=value), in order.")
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -29,8 +38,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return files, overrides
 
 
-def resolve(args: list[str]):
-    files, overrides = split_args(args)
+def resolve(args: list[str] | None):
+    files, overrides = split_args(args or [])
     try:
         return load_config(files, overrides)
     except ConfigError as exc:
@@ -39,10 +48,81 @@ def resolve(args: list[str]):
 
 
 @config_app.command("show")
-def config_show(args: list[str] = typer.Argument(None, help="FILE.yaml ... key=value ...")) -> None:
+def config_show(args: Optional[list[str]] = ARGS) -> None:
     """Print the resolved config (files merged left to right, then overrides)."""
-    cfg = resolve(args or [])
-    sys.stdout.write(dump_config(cfg))
+    sys.stdout.write(dump_config(resolve(args)))
+
+
+@app.command()
+def train(
+    args: Optional[list[str]] = ARGS,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this run directory."),
+) -> None:
+    """Train: with no arguments, the CPU demo (tiny model, M2PO, arithmetic, bounded staleness)."""
+    from services.train import run_train
+
+    if resume is not None and not args:
+        args = [str(resume / "config.yaml")]
+    raise typer.Exit(run_train(resolve(args), resume=resume))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", help="A local HF model folder."),
+    task: str = typer.Option("arithmetic", "--task", help="Task name or package.module:function."),
+    n: int = typer.Option(1, "--n", help="Samples per prompt; prints avg@n (greedy when n=1)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON result here."),
+    args: Optional[list[str]] = ARGS,
+) -> None:
+    """Held-out accuracy of a model on a task (pass@1 averaged over n samples)."""
+    from rollout_worker.evaluate import run_eval
+
+    cfg = resolve([*(args or []), f"task.name={task}"])
+    result = run_eval(model, cfg.task, cfg.rollout, n=n, out=out)
+    typer.echo(result)
+
+
+@model_app.command("build-tiny")
+def build_tiny(
+    out: Path = typer.Option(Path(".cache/staleflow/tiny-model"), "--out"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a matching build is cached."),
+) -> None:
+    """Build (or reuse) the deterministic tiny Qwen2 model for CPU runs."""
+    from rollout_worker.tiny_model import ensure_tiny_model
+
+    typer.echo(ensure_tiny_model(out, seed=seed, force=force))
+
+
+@app.command()
+def dashboard(
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run directories (or a folder of runs)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(9266, "--port"),
+) -> None:
+    """Serve the staleness dashboard for live and finished runs."""
+    from services.dashboard import serve
+
+    serve(runs or [Path("runs")], host=host, port=port)
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories to overlay."),
+    out: Path = typer.Option(Path("staleflow.png"), "-o", "--out"),
+) -> None:
+    """The dashboard's panels as one static figure."""
+    from services.plots import plot_runs
+
+    typer.echo(plot_runs(runs, out))
+
+
+@buffer_app.command("stats")
+def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
+    """Depth, oldest age, staleness histogram, drops and producer rates of the configured buffer."""
+    from services.launcher import buffer_stats_json
+
+    typer.echo(buffer_stats_json(resolve(args)))
 
 
 def main() -> None:  # pragma: no cover - console entry
