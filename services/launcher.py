@@ -1,0 +1,90 @@
+"""Where the services run: an embedded redis-server + a local Ray for a laptop or CI box, or an existing
+cluster (`ray job submit`, `cluster.address`, `buffer.redis_url`).
+
+Ray: inside `ray job submit` (RAY_ADDRESS is set) or with `cluster.address` we join that cluster and never shut
+it down; otherwise we start a local one on 127.0.0.1 and stop it on exit. Redis: with `buffer.redis_url` we
+connect with the password from the environment variable named by `buffer.password_env`; otherwise an embedded
+redis-server child on a free loopback port with a generated password (AOF in the run directory, so a resumed
+run finds its buffer again). The password is handed to the services as an argument, never logged or saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from buffer.server import EmbeddedRedis, connect
+from services.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RedisEndpoint:
+    url: str  # never contains the password
+    password: str | None
+
+
+def start_redis(cfg: Config, stack: ExitStack, data_dir: Path | None) -> RedisEndpoint:
+    """Connect to the configured Redis, or start an embedded one that `stack` stops."""
+    if cfg.buffer.redis_url:
+        password = os.environ.get(cfg.buffer.password_env)
+        connect(cfg.buffer.redis_url, password).close()  # fail now, with one clear line, if unreachable
+        return RedisEndpoint(cfg.buffer.redis_url, password)
+    server = stack.enter_context(EmbeddedRedis(data_dir=data_dir, aof=cfg.buffer.aof and data_dir is not None))
+    return RedisEndpoint(server.url, server.password)
+
+
+def start_ray(cfg: Config, stack: ExitStack) -> bool:
+    """Join the cluster we run in, or start a local one (stopped by `stack`). Returns True if local."""
+    if ray.is_initialized():
+        return False
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    common = dict(namespace=cfg.cluster.namespace, log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **common)
+        return False
+    ray.init(
+        num_cpus=cfg.cluster.num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",  # keep a laptop/CI run on loopback
+        **common,
+    )
+    stack.callback(ray.shutdown)
+    return True
+
+
+def actor_env(cfg: Config, threads: int) -> dict[str, str]:
+    """Environment of a service actor. Threads are pinned per actor so vLLM and the learner share the cores
+    deliberately instead of both grabbing all of them (see docs/architecture.md, 'Sharing the cores')."""
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    if not _has_gpu(cfg):
+        env["DS_ACCELERATOR"] = "cpu"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.cpu_kvcache_gib)
+    return env
+
+
+def _has_gpu(cfg: Config) -> bool:
+    return cfg.rollout.gpus_per_worker > 0 or cfg.learner.gpus > 0
+
+
+def buffer_stats_json(cfg: Config) -> str:
+    """`staleflow buffer stats`: the statistics of a running buffer named by the config."""
+    from buffer.redis_buffer import StalenessBuffer
+
+    if not cfg.buffer.redis_url:
+        raise SystemExit("buffer stats needs buffer.redis_url (an embedded buffer lives only inside its run)")
+    client = connect(cfg.buffer.redis_url, os.environ.get(cfg.buffer.password_env))
+    return json.dumps(StalenessBuffer(client, cfg.buffer).stats().model_dump(mode="json"), indent=2)
