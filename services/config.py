@@ -40,7 +40,9 @@ class WeightsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     publish_every: int = Field(1, ge=1, description="Publish weights every this many updates.")
-    keep_versions: int = Field(4, ge=1, description="Versions the registry keeps (fixed mode needs its lag + 1).")
+    keep_versions: int = Field(
+        4, ge=1, description="Versions the registry keeps; with buffer.policy=fixed at least max_staleness + 2."
+    )
     bucket_mb: int = Field(256, ge=1, description="Weights travel in buckets of at most this size.")
     timeout_s: float = Field(120.0, gt=0, description="A publish or fetch slower than this is an error.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -142,6 +144,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _explain(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
+    if not loc:  # a rule across keys: its message names them
+        return e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"{loc}: unknown key{_closest(loc)}"
     value = e.get("input")
