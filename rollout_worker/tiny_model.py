@@ -1,0 +1,225 @@
+"""The deterministic tiny Qwen2 model that CPU runs (the demo, CI, tests) train: built by our own code.
+
+The recipe: a character-level tokenizer (printable ASCII), a ~0.5M-parameter Qwen2, seeded random init, then
+a short supervised warm start on the arithmetic task (teacher-forced answers) so RL starts from a policy that
+is right sometimes. The same seed gives the same bytes on the same software and CPU: seeded init, one torch
+thread, deterministic algorithms, no data-loader workers. `ensure_tiny_model` caches a build behind a stamp
+holding the recipe hash and rebuilds when the recipe (or torch/transformers version) changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+# Printable ASCII plus newline: enough for arithmetic and any ASCII prompt template, still a tiny embedding.
+CHARS = ("\n", *(chr(c) for c in range(32, 127)))
+STAMP = ".staleflow-tiny.json"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The supervised warm start: teacher-forced arithmetic answers, loss on the answer (+ <eos>) only."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    # The task the warm start teaches; the demo's RL task must match it (see tasks.arithmetic).
+    max_operand: int = 99
+    ops: str = "+"
+    data_seed: int = 12345
+
+
+DEFAULT_WARM_START = WarmStart()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one token per character, <bos> prepended on encode, <unk> for the rest."""
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Every character (newline and spaces included) is its own pre-token; Fuse joins them back losslessly.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="left",
+    )
+
+
+def tiny_config(vocab_size: int) -> Qwen2Config:
+    # head_dim 32 (128 / 4): vLLM's CPU attention rejects head_dim < 32. Tied embeddings like the small Qwen2.5
+    # models, so the demo exercises the same weight-sync path (one tensor serves embed_tokens and lm_head).
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        torch_dtype="float32",
+    )
+
+
+def recipe_hash(seed: int, warm_start: WarmStart | None = DEFAULT_WARM_START) -> str:
+    """Everything the bytes depend on: our recipe, the seed, and the libraries that compute them."""
+    tok = build_tokenizer()
+    recipe = {
+        "version": RECIPE_VERSION,
+        "seed": seed,
+        "config": tiny_config(len(tok)).to_diff_dict(),
+        "vocab": tok.backend_tokenizer.to_str(),
+        "warm_start": asdict(warm_start) if warm_start else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, warm_start: bool | WarmStart = True, log=print
+) -> Path:
+    """Write an HF model folder (config, safetensors, tokenizer, generation config) to `out_dir`."""
+    ws = (DEFAULT_WARM_START if warm_start is True else warm_start) or None
+    out = Path(out_dir)
+    tok = build_tokenizer()
+    with _deterministic(seed):
+        model = Qwen2ForCausalLM(tiny_config(len(tok)))
+        if ws is not None:
+            t0 = time.perf_counter()
+            loss = _warm_start(model, tok, ws, seed)
+            log(f"tiny model: warm start {ws.steps} steps, final loss {loss:.4f}, {time.perf_counter() - t0:.1f}s")
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=16
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / STAMP).write_text(
+        json.dumps({"recipe": recipe_hash(seed, ws), "seed": seed, "warm_start": asdict(ws) if ws else None})
+    )
+    return out
+
+
+def ensure_tiny_model(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """The warm-started tiny model at `out_dir`, built once and reused while the recipe is unchanged.
+
+    Safe to call from several processes at once (a worker and the learner): a file lock serializes builders,
+    and a build is written to a temporary sibling folder and renamed into place, so readers never see half.
+    """
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    want = recipe_hash(seed)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _stamp_matches(out, want):
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            build_tiny_model(tmp, seed=seed, warm_start=True)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _stamp_matches(out: Path, want: str) -> bool:
+    try:
+        return json.loads((out / STAMP).read_text())["recipe"] == want and (out / "model.safetensors").exists()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class _deterministic:
+    """Seeded RNG, one thread and deterministic kernels for the duration; restores the caller's settings."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._threads = torch.get_num_threads()
+        self._det = torch.are_deterministic_algorithms_enabled()
+        self._rng = torch.random.get_rng_state()
+        # One thread: CPU matmul reduction order can depend on the thread count, and so would the bytes.
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._threads)
+        torch.use_deterministic_algorithms(self._det)
+        torch.random.set_rng_state(self._rng)
+
+
+def _sft_batches(tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (input_ids, labels) batches of "a+b=" + answer + <eos>, prompt positions masked out (-100)."""
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    stream = ArithmeticTask(max_operand=ws.max_operand, ops=ws.ops).train_prompts(ws.data_seed + seed)
+    while True:
+        rows = []
+        for _ in range(ws.batch_size):
+            p = next(stream)
+            prompt = tok(p.text)["input_ids"]
+            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        # Right-padded: positions are then the same as at generation time for a single unpadded prompt.
+        ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        yield ids, labels
+
+
+def _warm_start(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> float:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=ws.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / ws.warmup_steps) if ws.warmup_steps else 1.0
+    )
+    batches = _sft_batches(tok, ws, seed)
+    loss = torch.tensor(float("nan"))
+    for _ in range(ws.steps):
+        ids, labels = next(batches)
+        loss = model(input_ids=ids, attention_mask=(ids != PAD_ID).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return float(loss)
