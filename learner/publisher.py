@@ -1,0 +1,165 @@
+"""Publishing the learner's weights through the Ray object store, one bounded bucket at a time.
+
+Every `publish_every` updates, rank 0 packs the full parameters (in the rollout dtype) into flat uint8 buckets
+(buffer/weights.py), `ray.put`s each one as soon as it is packed and frees it, then registers (manifest, refs)
+with the weight registry actor, which keeps them alive for the workers. The learner process owns the objects:
+if it dies, the versions it published are lost (fetches then fail with a clear WeightsError).
+
+ZeRO: with stages 0-2 every rank holds the full parameters, so only rank 0 does any work. With ZeRO-3 the
+parameters are partitioned: every rank must call `publish` (the gathers are collectives); parameters are
+gathered a bucket's worth at a time (deepspeed.zero.GatheredParameters), copied out and re-partitioned, so
+no rank ever holds more than about one bucket of gathered parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from buffer.weights import DTYPES, FLOAT_DTYPES, WeightsError, WeightsManifest, WeightsTimeout, pack_buckets, torch_dtype
+
+log = logging.getLogger(__name__)
+
+MetricsLogger = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass(frozen=True)
+class PublishStats:
+    version: int
+    seconds: float
+    bytes: int
+    buckets: int
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _is_zero3(params: list[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def _zero3_named_params(named: list[tuple[str, torch.nn.Parameter]], chunk_bytes: int, dtype: torch.dtype | None):
+    """Yield (name, full tensor) for ZeRO-3 partitioned params, gathering ~chunk_bytes of them at a time.
+
+    The gathered data vanishes when the context exits (re-partition), so each tensor is copied out first, in
+    the travel dtype (half the memory of fp32 when publishing bf16). Ranks other than 0 yield nothing but
+    take part in every gather.
+    """
+    import deepspeed  # only ZeRO-3 needs it; stages 0-2 publish plain module parameters
+
+    rank = _rank()
+    chunk: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def flush() -> Iterator[tuple[str, torch.Tensor]]:
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+            copies = []
+            if rank == 0:
+                for name, p in chunk:
+                    out = dtype if dtype is not None and p.is_floating_point() else p.dtype
+                    copies.append((name, p.detach().to("cpu", out, copy=True)))
+        yield from copies
+
+    for name, p in named:
+        chunk.append((name, p))
+        size += p.ds_numel * p.element_size()
+        if size >= chunk_bytes:
+            yield from flush()
+            chunk, size = [], 0
+    if chunk:
+        yield from flush()
+
+
+class WeightPublisher:
+    """Puts the model's weights into the object store and registers them; call `maybe_publish` after each update.
+
+    `registry` is the WeightRegistry actor handle (services hands it over); `metrics(step, values)` is the
+    run's metrics callback. Only rank 0 talks to Ray; call it on every rank (ZeRO-3 needs them all).
+    """
+
+    def __init__(
+        self,
+        registry: Any,
+        *,
+        publish_every: int = 1,
+        bucket_mb: int = 256,
+        dtype: str = "auto",
+        timeout_s: float = 120.0,
+        metrics: MetricsLogger | None = None,
+    ):
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"weights dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+        self.registry = registry
+        self.publish_every = publish_every
+        self.bucket_bytes = bucket_mb << 20
+        self.dtype = None if dtype == "auto" else torch_dtype(dtype)  # None: floats travel in the model's dtype
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+
+    def maybe_publish(self, model: torch.nn.Module, version: int) -> PublishStats | None:
+        """Publish if `version` (= optimizer updates so far) is a multiple of publish_every."""
+        return self.publish(model, version) if version % self.publish_every == 0 else None
+
+    def publish(self, model: torch.nn.Module, version: int) -> PublishStats | None:
+        """Publish `model` (a module or a DeepSpeed engine) as `version`. Returns stats on rank 0, else None.
+
+        Raises WeightsTimeout if it takes longer than timeout_s, WeightsError if the store or registry fails.
+        """
+        t0 = time.perf_counter()
+        module = getattr(model, "module", model)  # a DeepSpeed engine wraps the module
+        named = list(module.named_parameters())  # shared (tied) parameters appear once
+        zero3 = _is_zero3([p for _, p in named])
+        rank = _rank()
+        if rank != 0 and not zero3:
+            return None
+        tensors = _zero3_named_params(named, self.bucket_bytes, self.dtype) if zero3 else iter(named)
+
+        refs: list[ray.ObjectRef] = []
+        buckets = []
+        total = 0
+        for specs, buf in pack_buckets(tensors, self.bucket_bytes, self.dtype):  # nothing on ranks != 0
+            try:
+                refs.append(ray.put(buf))
+            except Exception as exc:  # ObjectStoreFullError, a lost raylet, ...
+                raise WeightsError(f"publishing weights version {version}: ray.put of bucket {len(refs)}"
+                                   f" ({buf.nbytes} bytes) failed: {exc}") from exc
+            del buf  # the store has its copy: never hold two
+            buckets.append(specs)
+            total += sum(s.nbytes for s in specs)
+            if time.perf_counter() - t0 > self.timeout_s:
+                raise WeightsTimeout(f"publishing weights version {version}: packing and putting {len(refs)}"
+                                     f" buckets took longer than {self.timeout_s}s")
+        if rank != 0:
+            return None
+
+        dtype_names = {s.dtype for b in buckets for s in b if s.dtype in FLOAT_DTYPES}
+        manifest = WeightsManifest(version, buckets, total, ",".join(sorted(dtype_names)) or "none")
+        left = max(self.timeout_s - (time.perf_counter() - t0), 1e-3)
+        try:
+            # refs travel inside a list, so Ray passes them as references (the registry borrows them).
+            ray.get(self.registry.register.remote(manifest, refs), timeout=left)
+        except ray.exceptions.GetTimeoutError:
+            raise WeightsTimeout(f"publishing weights version {version}: the registry did not acknowledge"
+                                 f" within {self.timeout_s}s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise WeightsError(f"publishing weights version {version}: the weight registry actor is gone"
+                               f" ({type(exc).__name__})") from exc
+
+        stats = PublishStats(version, time.perf_counter() - t0, total, len(buckets))
+        if self.metrics is not None:
+            self.metrics(version, {"weights/publish_s": stats.seconds, "weights/bytes": float(total),
+                                   "weights/version": float(version)})
+        log.debug("published weights v%d: %d bytes in %d buckets, %.3fs", version, total, len(buckets),
+                  stats.seconds)
+        return stats
+
+
+__all__ = ["PublishStats", "WeightPublisher"]

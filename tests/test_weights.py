@@ -1,0 +1,279 @@
+"""Weights through the Ray object store: the bucket contract, the registry actor, publish -> fetch end to end.
+
+Real Ray (one local instance for the module), a real DeepSpeed ZeRO-2 engine on CPU for the learner side.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from buffer.weights import ALIGN, WeightsError, WeightsManifest, WeightsTimeout, pack_buckets, unpack_bucket
+from learner.publisher import WeightPublisher
+from rollout_worker.weights import WeightsFetcher
+from services.registry import WeightRegistry, get_registry, start_registry
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "test-weights"
+
+
+def _odd_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Layouts that break naive byte copies: non-contiguous, 0-d, empty, a slice with an offset, plus an int."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g).to(dtype)
+    return {
+        "w": torch.randn(7, 5, generator=g).to(dtype),
+        "transposed": base.t(),  # non-contiguous
+        "strided": base[::2, 1::3],  # non-contiguous with a storage offset
+        "scalar": torch.tensor(3.25, dtype=dtype),  # 0-d
+        "empty": torch.empty(0, 4, dtype=dtype),
+        "ids": torch.arange(5, dtype=torch.int64),  # not floating point: keeps its dtype
+    }
+
+
+def _round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int, dtype=None) -> dict[str, torch.Tensor]:
+    out = {}
+    for specs, buf in pack_buckets(tensors.items(), bucket_bytes, dtype):
+        buf = buf.copy()
+        buf.setflags(write=False)  # what ray.get hands back
+        out.update((n, t.clone()) for n, t in unpack_bucket(specs, buf))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_unpack_round_trip_is_exact(dtype):
+    tensors = _odd_tensors(dtype)
+    for bucket_bytes in (1, 96, 1 << 20):  # one tensor per bucket, a few per bucket, all in one
+        out = _round_trip(tensors, bucket_bytes)
+        assert list(out) == list(tensors)
+        for name, t in tensors.items():
+            assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
+            assert torch.equal(out[name], t), name
+
+
+def test_pack_converts_floats_to_the_travel_dtype_only():
+    tensors = _odd_tensors(torch.float32)
+    out = _round_trip(tensors, 1 << 20, dtype=torch.bfloat16)
+    for name, t in tensors.items():
+        want = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert out[name].dtype == want.dtype and torch.equal(out[name], want), name
+
+
+def test_buckets_respect_the_size_bound():
+    sizes = [10, 300, 5, 1000, 64, 64, 64, 2000, 1]  # float32 elements
+    tensors = [(f"t{i}", torch.full((n,), float(i))) for i, n in enumerate(sizes)]
+    bound = 1024
+    buckets = list(pack_buckets(tensors, bound))
+    assert [s.name for specs, _ in buckets for s in specs] == [n for n, _ in tensors]  # order kept
+    for specs, buf in buckets:
+        assert buf.dtype == np.uint8 and buf.ndim == 1
+        if len(specs) > 1:
+            assert buf.nbytes <= bound
+        else:  # only a tensor bigger than a bucket may exceed the bound, alone
+            assert buf.nbytes == specs[0].nbytes
+        for a, b in zip(specs, specs[1:]):
+            assert a.offset % ALIGN == 0 and a.offset + a.nbytes <= b.offset
+    big = [specs for specs, _ in buckets if specs[0].nbytes > bound]
+    assert [[s.name for s in b] for b in big] == [["t1"], ["t3"], ["t7"]]  # 1200, 4000, 8000 bytes: alone
+
+
+def test_unpack_rejects_a_bucket_that_does_not_match():
+    (specs, buf), = pack_buckets([("a", torch.ones(8)), ("b", torch.ones(8))], 1 << 20)
+    with pytest.raises(WeightsError, match="b: bytes"):
+        list(unpack_bucket(specs, buf[:-4]))
+
+
+# ------------------------------------------------------------------------------------------- with Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    if started:
+        ray.shutdown()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def registry(ray_local):
+    """A fresh registry (keeping 3 versions) under its own name, killed afterwards."""
+    name = f"weights-{next(_counter)}"
+    handle = start_registry(3, namespace=NAMESPACE, name=name)
+    yield handle
+    ray.kill(handle)
+
+
+class Params(torch.nn.Module):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, t in tensors.items():
+            self.register_parameter(name, torch.nn.Parameter(t, requires_grad=t.is_floating_point()))
+
+
+def _fetch_all(fetcher: WeightsFetcher, version=None) -> tuple[int, dict[str, torch.Tensor]]:
+    fetched = fetcher.fetch(version)
+    return fetched.version, {n: t.clone() for n, t in fetched.tensors()}
+
+
+@pytest.mark.slow
+def test_publish_fetch_round_trip_through_ray(registry):
+    fetcher = WeightsFetcher(registry, timeout_s=30)
+    for version, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16], start=1):
+        tensors = _odd_tensors(dtype)
+        tensors["big"] = torch.randn(300_000).to(dtype)  # over the 1 MB bucket in float32: several buckets
+        tensors["big2"] = torch.randn(1000, 300).to(dtype).t()
+        published, fetched_metrics = [], []
+        pub = WeightPublisher(registry, bucket_mb=1, metrics=lambda step, v: published.append((step, dict(v))))
+        fetcher.metrics = lambda step, v: fetched_metrics.append((step, dict(v)))
+        stats = pub.publish(Params(tensors), version=version)
+        assert stats.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert stats.buckets >= (3 if dtype == torch.float32 else 2)
+
+        assert fetcher.latest_version() == version
+        got, out = _fetch_all(fetcher)
+        assert got == version and list(out) == list(tensors)
+        for name, t in tensors.items():
+            assert out[name].dtype == t.dtype and torch.equal(out[name], t), (dtype, name)
+        assert published == [(version, {"weights/publish_s": published[0][1]["weights/publish_s"],
+                                        "weights/bytes": stats.bytes, "weights/version": version})]
+        assert [(step, sorted(v)) for step, v in fetched_metrics] == [
+            (version, ["weights/bytes", "weights/fetch_s", "weights/version"])]
+
+
+@pytest.mark.slow
+def test_registry_keeps_the_last_k_and_serves_a_specific_version(registry):
+    fetcher = WeightsFetcher(registry, timeout_s=30)
+    assert fetcher.latest_version() == -1
+    with pytest.raises(WeightsError, match="nothing has been published"):
+        fetcher.fetch()
+    model = Params({"w": torch.zeros(4, 4)})
+    pub = WeightPublisher(registry, publish_every=2)
+    for version in range(1, 10):
+        with torch.no_grad():
+            model.w.fill_(version)
+        pub.maybe_publish(model, version)  # publishes the even versions only
+    assert ray.get(registry.versions.remote()) == [4, 6, 8]  # keep_versions=3
+    assert fetcher.latest_version() == 8
+    for version in (4, 6, 8):
+        got, out = _fetch_all(fetcher, version)
+        assert got == version and torch.equal(out["w"], torch.full((4, 4), float(version)))
+    with pytest.raises(WeightsError, match=r"version 2: not available.*keeps versions \[4, 6, 8\]"):
+        fetcher.fetch(2)
+    # A learner restarted from an older checkpoint publishes from there: newer versions are dropped.
+    with torch.no_grad():
+        model.w.fill_(-1)
+    pub.publish(model, 6)
+    assert ray.get(registry.versions.remote()) == [4, 6]
+    assert torch.equal(_fetch_all(fetcher)[1]["w"], torch.full((4, 4), -1.0))
+
+
+def test_registry_rejects_refs_that_do_not_match_the_manifest(ray_local):
+    registry = WeightRegistry(keep_versions=2)  # the actor's class, in process
+    with pytest.raises(WeightsError, match="1 object refs for 2 buckets"):
+        registry.register(WeightsManifest(1, [[], []], 0, "float32"), [ray.put(np.zeros(1, np.uint8))])
+    with pytest.raises(WeightsError, match="must be ray.ObjectRef"):
+        registry.register(WeightsManifest(1, [[]], 0, "float32"), [np.zeros(1, np.uint8)])
+    assert registry.versions() == [] and registry.latest_version() == -1 and registry.get() is None
+
+
+@ray.remote(num_cpus=0)
+def _never_done(seconds: float) -> np.ndarray:
+    time.sleep(seconds)
+    return np.zeros(1, np.uint8)
+
+
+@pytest.mark.slow
+def test_a_bucket_that_never_arrives_times_out(registry):
+    pending = _never_done.remote(600)
+    manifest = WeightsManifest(3, [[]], 0, "float32")
+    ray.get(registry.register.remote(manifest, [pending]), timeout=30)
+    fetched = WeightsFetcher(registry, timeout_s=0.5).fetch()
+    with pytest.raises(WeightsTimeout, match=r"version 3, bucket 1/1: not available within 0.5s"):
+        list(fetched.tensors())
+    ray.cancel(pending, force=True)
+
+
+@pytest.mark.slow
+def test_a_dead_registry_is_a_clear_error(registry):
+    name = ray.get(registry.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
+    assert get_registry(NAMESPACE, name)._actor_id == registry._actor_id
+    ray.kill(registry)
+    fetcher = WeightsFetcher(registry, timeout_s=10)
+    with pytest.raises(WeightsError, match="registry actor is gone"):
+        fetcher.latest_version()
+    with pytest.raises(WeightsError, match="registry actor is gone"):
+        WeightPublisher(registry, timeout_s=10).publish(Params({"w": torch.ones(2)}), 1)
+    with pytest.raises(WeightsError, match="no weight registry actor named 'absent'"):
+        get_registry(NAMESPACE, "absent")
+
+
+# ------------------------------------------------------------------------------ from a DeepSpeed engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero2_engine():
+    """A real DeepSpeed ZeRO-2 engine (CPU, gloo, world of one) on a tiny random Qwen2, after one update."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    created = not dist.is_initialized()
+    if created:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30})
+    ids = torch.randint(0, 64, (2, 12))
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    assert any(not torch.equal(before[n], p) for n, p in engine.module.named_parameters())  # it did update
+    yield engine
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_publish_from_a_zero2_engine_gives_its_exact_parameters(registry, zero2_engine):
+    expected = {n: p.detach().clone() for n, p in zero2_engine.module.named_parameters()}
+    fetcher = WeightsFetcher(registry, timeout_s=30)
+
+    WeightPublisher(registry, timeout_s=30).publish(zero2_engine, version=1)
+    version, out = _fetch_all(fetcher)
+    assert version == 1 and list(out) == list(expected)
+    for name, p in expected.items():
+        assert out[name].dtype == torch.float32 and torch.equal(out[name], p), name
+
+    WeightPublisher(registry, dtype="bfloat16", timeout_s=30).publish(zero2_engine, version=2)
+    _, out = _fetch_all(fetcher, 2)
+    for name, p in expected.items():
+        assert torch.equal(out[name], p.to(torch.bfloat16)), name
