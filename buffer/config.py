@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class BufferConfig(BaseModel):
@@ -22,3 +22,18 @@ class BufferConfig(BaseModel):
     capacity_groups: int = Field(256, ge=1, description="Most groups the stream may hold; producers wait beyond.")
     dead_letter_maxlen: int = Field(10_000, ge=1)
     aof: bool = Field(True, description="Embedded Redis: append-only file on (runs) or off (tests).")
+    push_timeout_s: float = Field(60.0, gt=0, description="A push waits this long for room, then BufferFull.")
+    claim_idle_s: float = Field(
+        60.0, gt=0, description="Unacked entries idle this long in another consumer are claimed (XAUTOCLAIM)."
+    )
+
+    @model_validator(mode="after")
+    def _room_for_the_window(self) -> BufferConfig:
+        # bounded/fixed admit up to (max_staleness + 1) batches ahead of the learner: they must fit in the stream
+        need = (self.max_staleness + 1) * self.batch_groups
+        if self.policy != "unbounded" and self.capacity_groups < need:
+            raise ValueError(
+                f"capacity_groups={self.capacity_groups} is below (max_staleness + 1) * batch_groups = {need}: "
+                "admitted producers would block forever"
+            )
+        return self

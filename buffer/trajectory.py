@@ -104,12 +104,79 @@ class Trajectory(BaseModel):
         return cls(versions=versions, version_min=lo, version_max=hi, **fields)
 
     def to_wire(self) -> dict[str, Any]:
-        d = self.model_dump(exclude={"prompt_ids", "response_ids", "behaviour_logp", "versions"})
-        d["prompt_ids"] = self.prompt_ids.tobytes()
-        d["response_ids"] = self.response_ids.tobytes()
-        d["behaviour_logp"] = self.behaviour_logp.tobytes()
-        d["versions"] = self.versions.tobytes()
+        # Built by hand, not with model_dump: this runs for every response pushed and model_dump is ~10x slower.
+        d: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS}
+        d["meta"] = dict(self.meta)
+        for name in _ARRAYS:
+            d[name] = getattr(self, name).tobytes()
         return d
+
+
+_ARRAYS = ("prompt_ids", "response_ids", "behaviour_logp", "versions")
+_SCALARS = tuple(n for n in Trajectory.model_fields if n not in _ARRAYS and n != "meta")
+_FAST_TYPES = {
+    "id": str, "group_id": str, "finish_reason": str, "worker_id": str,
+    "version_min": int, "version_max": int, "reward": (int, float), "t_start": (int, float), "t_end": (int, float),
+}
+_ARRAY_DTYPES = {"prompt_ids": "<i4", "response_ids": "<i4", "behaviour_logp": "<f4", "versions": "<i4"}
+_REQUIRED = {"group_id", "version_min", "version_max", "reward", *_ARRAYS}
+_META_TYPES = (str, int, float, bool, type(None))
+
+
+def _fast_fields(d: Any) -> dict[str, Any] | None:
+    """The wire dict's fields with arrays as numpy views, or None unless it has exactly the plain shape
+    `to_wire` writes (then the full pydantic validation runs and names the error)."""
+    if type(d) is not dict or not _REQUIRED <= d.keys() or not d.keys() <= Trajectory.model_fields.keys():
+        return None
+    fields: dict[str, Any] = {}
+    for name, value in d.items():
+        if name in _ARRAY_DTYPES:
+            if type(value) is not bytes or len(value) % 4:
+                return None
+            fields[name] = np.frombuffer(value, dtype=_ARRAY_DTYPES[name])
+        elif name == "meta":
+            if type(value) is not dict or not all(type(k) is str and type(v) in _META_TYPES for k, v in value.items()):
+                return None
+            fields[name] = value
+        else:
+            want = _FAST_TYPES[name]
+            if isinstance(value, bool) or not isinstance(value, want):
+                return None
+            fields[name] = value if want is str or want is int else float(value)
+    return fields
+
+
+def _fast_group(payload: dict[str, Any]) -> TrajectoryGroup | None:
+    """Decode without pydantic's per-field machinery (~5x faster on 8 x 1,024 tokens): type checks in plain
+    Python, then `Trajectory._consistent`'s checks once over the whole group's concatenated arrays. Accepts
+    nothing the full validation refuses; returns None on anything unusual so that the full validation runs."""
+    if not payload.keys() <= {"schema", "group_id", "slot", "trajectories"}:
+        return None
+    gid, slot, raw = payload.get("group_id"), payload.get("slot"), payload.get("trajectories")
+    if type(gid) is not str or not (slot is None or type(slot) is int) or type(raw) is not list or not raw:
+        return None
+    rows = [_fast_fields(d) for d in raw]
+    if any(f is None or f["group_id"] != gid for f in rows):
+        return None
+    lengths = np.array([len(f["response_ids"]) for f in rows])
+    if any(len(f["behaviour_logp"]) != t or len(f["versions"]) != t for f, t in zip(rows, lengths)):
+        return None
+    if not np.isfinite(np.concatenate([f["behaviour_logp"] for f in rows])).all():
+        return None
+    vmin = np.array([f["version_min"] for f in rows])
+    vmax = np.array([f["version_max"] for f in rows])
+    if not (np.isfinite([f["reward"] for f in rows]).all() and (vmin >= 0).all() and (vmax >= vmin).all()):
+        return None
+    nonempty = lengths > 0
+    if nonempty.any():
+        versions = np.concatenate([f["versions"] for f in rows])
+        starts = (np.cumsum(lengths) - lengths)[nonempty]
+        if (np.minimum.reduceat(versions, starts) != vmin[nonempty]).any():
+            return None
+        if (np.maximum.reduceat(versions, starts) != vmax[nonempty]).any():
+            return None
+    trajectories = [Trajectory.model_construct(**f) for f in rows]
+    return TrajectoryGroup.model_construct(group_id=gid, slot=slot, trajectories=trajectories)
 
 
 class TrajectoryGroup(BaseModel):
@@ -159,6 +226,10 @@ _REASONS = ("length_mismatch", "non_finite", "version_mismatch", "empty_group", 
 
 def decode_group(data: bytes) -> TrajectoryGroup:
     """Bytes from Redis to a validated group, or MalformedEntry(reason). Never unpickles."""
+    # A pickle (protocol 2-5) starts with PROTO 0x80 n; no valid group does (0x80 is an empty msgpack map).
+    # Named apart so that an operator sees someone is sending pickles; it is never loaded.
+    if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        raise MalformedEntry("pickle", f"pickle protocol {data[1]} payload refused")
     try:
         payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -168,6 +239,12 @@ def decode_group(data: bytes) -> TrajectoryGroup:
     schema = payload.get("schema")
     if schema != SCHEMA_VERSION:
         raise MalformedEntry("unknown_schema", f"schema version {schema!r}, this build reads {SCHEMA_VERSION}")
+    try:
+        fast = _fast_group(payload)
+    except (ValueError, TypeError, OverflowError):  # e.g. an int too large for a float: let pydantic say why
+        fast = None
+    if fast is not None:
+        return fast
     try:
         return TrajectoryGroup.model_validate({k: v for k, v in payload.items() if k != "schema"})
     except ValidationError as err:

@@ -1,0 +1,398 @@
+"""The staleness buffer: rollout groups in a Redis stream, read by the learner through a consumer group.
+
+    buf = StalenessBuffer(client, cfg)                  # client from buffer.server.connect (bytes replies)
+    # producer (rollout worker)
+    adm = buf.admit(worker_id, n_groups, timeout_s=30)  # Admission(granted, slot, required_version)
+    ...generate adm.granted groups (fixed: with weights adm.required_version, group.slot = adm.slot)...
+    buf.push(group, worker_id)                          # waits while the stream is full, then BufferFull
+    buf.release(worker_id)                              # a restarted worker gives its unfinished grants back
+    # learner
+    buf.set_version(v)                                  # after every update: admission and staleness use it
+    entries = buf.pull(n_groups, consumer="learner-0", block_ms=1000)   # list[Entry(id, group, staleness)]
+    ...train, checkpoint...
+    buf.ack([e.id for e in entries])                    # only once the checkpoint holding the update is safe
+    buf.stats()                                         # BufferStats
+
+Keys (P = cfg.prefix; one run = one prefix; `reset()` deletes them all):
+    P:stream        the groups: fields d (msgpack group), w (worker id), s (slot or "-"). Never trimmed:
+                    acknowledged and dropped entries are XACK'ed and XDEL'ed, so it holds only live data.
+                    Consumer group "learner".
+    P:dead          dead letters (MAXLEN ~ dead_letter_maxlen): reason, detail, raw (first 64 KiB), raw_len,
+                    entry_id, worker.
+    P:state         hash: version (the learner's), inflight (bounded: accepted + running).
+    P:slots         hash (fixed): slot -> groups granted for it and not released or dropped.
+    P:grants:<w>    hash: slot (or "-") -> groups granted to worker w and not pushed yet.
+    P:workers       set of worker ids seen.   P:producers  hash: <w>|pushed, <w>|first_ms, <w>|last_ms.
+    P:counts        hash: admitted, consumed, stale:<k>, drop:<reason>, dead:<reason>.
+
+Delivery: an entry is acknowledged only by `ack()`, so a learner that dies loses nothing. A restarted learner
+with the same consumer name re-reads its own pending list (id 0) on its first pull; entries pending in another
+consumer for longer than `claim_idle_s` are taken over with XAUTOCLAIM. Entries this learner holds (fixed:
+fresher than the current update wants) or has delivered and not acked yet are re-claimed by it regularly so
+that no other consumer takes them while it is alive. The rules themselves are in buffer/staleness.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from buffer.config import BufferConfig
+from buffer.staleness import ADMIT_LUA, PUSH_LUA, RELEASE_LUA, Verdict, decide, staleness
+from buffer.stats import BufferStats, ProducerStats
+from buffer.trajectory import MalformedEntry, TrajectoryGroup, decode_group, encode_group
+
+log = logging.getLogger(__name__)
+
+GROUP = "learner"
+DEAD_RAW_BYTES = 64 * 1024  # a dead letter keeps this much of the raw payload: enough to debug, bounded
+
+
+class BufferFull(RuntimeError):
+    """The stream stayed at `capacity_groups` for `push_timeout_s`: the learner is not consuming."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    granted: int  # groups the producer may generate now (0: wait and ask again)
+    slot: int | None  # fixed: put this in group.slot
+    required_version: int | None  # fixed: generate with exactly these weights
+    learner_version: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    group: TrajectoryGroup
+    staleness: int  # learner version at consumption - group.version_min
+
+
+@dataclass
+class _Pooled:  # delivered to this learner, decoded, not handed out yet
+    group: TrajectoryGroup
+    worker: str | None
+    slot: str | None
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class StalenessBuffer:
+    def __init__(self, client: redis.Redis, cfg: BufferConfig):
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("StalenessBuffer needs a client with decode_responses=False (payloads are bytes)")
+        self.r = client
+        self.cfg = cfg
+        p = cfg.prefix
+        self.k_stream, self.k_dead, self.k_state = f"{p}:stream", f"{p}:dead", f"{p}:state"
+        self.k_slots, self.k_workers, self.k_producers = f"{p}:slots", f"{p}:workers", f"{p}:producers"
+        self.k_counts = f"{p}:counts"
+        self._admit = client.register_script(ADMIT_LUA)
+        self._push = client.register_script(PUSH_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._pool: dict[str, _Pooled] = {}
+        self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
+        self._own_pending_read: set[str] = set()
+        self._last_claim = 0.0
+        self._ensure_group()
+
+    def _grants(self, worker_id: str) -> str:
+        return f"{self.cfg.prefix}:grants:{worker_id}"
+
+    def _ensure_group(self) -> None:
+        try:
+            self.r.xgroup_create(self.k_stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ---------------- producer side ----------------
+
+    def admit(self, worker_id: str, n_groups: int, *, timeout_s: float | None = None) -> Admission:
+        """Ask to generate `n_groups`. granted=0 means wait; with `timeout_s` this call waits (polling with
+        backoff) up to that long for a grant. See buffer/staleness.py for the rules."""
+        if n_groups < 1:
+            raise ValueError("n_groups must be >= 1")
+        c = self.cfg
+        keys = [self.k_state, self._grants(worker_id), self.k_slots, self.k_workers, self.k_counts]
+        args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = 0.01
+        while True:
+            granted, slot, req, version = (int(x) for x in self._admit(keys=keys, args=args))
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if granted > 0 or left <= 0:
+                return Admission(granted, slot if slot >= 0 else None, req if req >= 0 else None, version)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.25)
+
+    def _push_call(self, payload: bytes, group: TrajectoryGroup, worker_id: str, client=None):  # noqa: ANN001
+        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
+        slot = "-" if group.slot is None else str(group.slot)
+        args = [payload, worker_id, slot, self.cfg.capacity_groups, self.cfg.policy]
+        return self._push(keys=keys, args=args, client=client)
+
+    def push(self, group: TrajectoryGroup, worker_id: str, *, timeout_s: float | None = None) -> str:
+        """Append one group; while the stream holds `capacity_groups` entries, wait with backoff, and raise
+        BufferFull after `timeout_s` (default cfg.push_timeout_s). Returns the entry id."""
+        return self._push_with_backoff(encode_group(group), group, worker_id, timeout_s)
+
+    def push_many(self, groups: list[TrajectoryGroup], worker_id: str, *, timeout_s: float | None = None) -> list[str]:
+        """Append several groups in one round trip (pipelined); those refused for lack of room wait as in push."""
+        payloads = [encode_group(g) for g in groups]
+        pipe = self.r.pipeline(transaction=False)
+        for payload, group in zip(payloads, groups):
+            self._push_call(payload, group, worker_id, client=pipe)
+        ids = pipe.execute()
+        return [
+            i.decode() if i else self._push_with_backoff(p, g, worker_id, timeout_s)
+            for i, p, g in zip(ids, payloads, groups)
+        ]
+
+    def _push_with_backoff(self, payload: bytes, group: TrajectoryGroup, worker_id: str, timeout_s) -> str:  # noqa: ANN001
+        timeout_s = self.cfg.push_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            entry_id = self._push_call(payload, group, worker_id)
+            if entry_id:
+                return entry_id.decode()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BufferFull(
+                    f"buffer {self.cfg.prefix!r} stayed full ({self.cfg.capacity_groups} groups) for {timeout_s:g}s: "
+                    "is the learner consuming and acknowledging?"
+                )
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
+
+    def release(self, worker_id: str) -> int:
+        """Give back the grants `worker_id` has not pushed (call when that worker restarts). Returns how many."""
+        return int(self._release(keys=[self._grants(worker_id), self.k_state, self.k_slots], args=[self.cfg.policy]))
+
+    # ---------------- learner side ----------------
+
+    def set_version(self, version: int) -> None:
+        """Publish the learner's version (number of updates made): admission and staleness are measured from it."""
+        self.r.hset(self.k_state, "version", int(version))
+
+    def version(self) -> int:
+        return int(self.r.hget(self.k_state, "version") or 0)
+
+    def pull(self, n_groups: int, *, consumer: str = "learner-0", block_ms: int = 1000) -> list[Entry]:
+        """Up to `n_groups` entries the current policy lets the learner train on now, waiting up to `block_ms`
+        for them (0: only what is there). Drops and dead letters along the way are acked and counted. The
+        entries stay pending until `ack()`."""
+        version = self.version()
+        if consumer not in self._own_pending_read:
+            self._read_own_pending(consumer)
+        if time.monotonic() - self._last_claim > self.cfg.claim_idle_s / 4:
+            self._claim(consumer)
+        out = self._serve(version, n_groups)
+        deadline = time.monotonic() + block_ms / 1000
+        while len(out) < n_groups:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            resp = self.r.xreadgroup(
+                GROUP, consumer, {self.k_stream: ">"}, count=max(n_groups - len(out), 1),
+                block=left_ms if left_ms > 0 else None,
+            )
+            got = resp[0][1] if resp else []
+            self._ingest(got)
+            out += self._serve(version, n_groups - len(out))
+            if not got or left_ms <= 0:
+                break
+        return out
+
+    def ack(self, ids: list[str]) -> int:
+        """Acknowledge and delete consumed entries (after the checkpoint that covers them). Returns how many
+        were still pending."""
+        if not ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(self.k_stream, GROUP, *ids)
+        pipe.xdel(self.k_stream, *ids)
+        acked = int(pipe.execute()[0])
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            s = self._delivered.pop(i, None)
+            if s is not None:
+                pipe.hincrby(self.k_counts, f"stale:{s}", 1)
+        pipe.hincrby(self.k_counts, "consumed", acked)
+        pipe.execute()
+        return acked
+
+    def _read_own_pending(self, consumer: str) -> None:
+        """A restarted learner: entries delivered to this consumer name before and never acked come again."""
+        start = "0"
+        while True:
+            resp = self.r.xreadgroup(GROUP, consumer, {self.k_stream: start}, count=256)
+            got = resp[0][1] if resp else []
+            if not got:
+                break
+            self._ingest(got)
+            start = got[-1][0]
+        self._own_pending_read.add(consumer)
+
+    def _claim(self, consumer: str) -> None:
+        self._last_claim = time.monotonic()
+        mine = list(self._pool) + list(self._delivered)
+        for i in range(0, len(mine), 512):  # keep our own entries fresh so that no other consumer takes them
+            self.r.xclaim(self.k_stream, GROUP, consumer, 0, mine[i : i + 512], justid=True)
+        start = "0-0"
+        for _ in range(100):  # bounded: at most 100 x 256 entries per call
+            nxt, got, _deleted = self.r.xautoclaim(
+                self.k_stream, GROUP, consumer, int(self.cfg.claim_idle_s * 1000), start, count=256
+            )
+            self._ingest([(i, f) for i, f in got if i.decode() not in self._pool and i.decode() not in self._delivered])
+            start = nxt
+            if nxt in (b"0-0", "0-0"):
+                break
+
+    def _ingest(self, raw: list) -> None:  # noqa: ANN001
+        """Decode delivered entries into the pool; dead-letter the malformed ones."""
+        gone = []
+        for rid, fields in raw:
+            eid = rid.decode()
+            if not fields:  # deleted after delivery (pending list of a dead consumer): just clear it
+                gone.append(eid)
+                continue
+            worker = fields.get(b"w")
+            slot = fields.get(b"s")
+            worker_s = worker.decode(errors="replace") if worker is not None else None
+            slot_s = slot.decode(errors="replace") if slot is not None else None
+            data = fields.get(b"d")
+            try:
+                if data is None:
+                    raise MalformedEntry("missing_payload", "no 'd' field")
+                group = decode_group(data)
+            except MalformedEntry as bad:
+                self._dead_letter(eid, bad, data or b"", worker_s, slot_s)
+                continue
+            self._pool[eid] = _Pooled(group, worker_s, slot_s)
+        if gone:
+            self.r.xack(self.k_stream, GROUP, *gone)
+
+    def _serve(self, version: int, n: int) -> list[Entry]:
+        c = self.cfg
+        out: list[Entry] = []
+        dropped: list[tuple[str, str, _Pooled]] = []
+        for eid, item in list(self._pool.items()):
+            g = item.group
+            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max)
+            if verdict is Verdict.DROP:
+                dropped.append((eid, reason or "dropped", self._pool.pop(eid)))
+            elif verdict is Verdict.TAKE and len(out) < n:
+                del self._pool[eid]
+                s = staleness(version, g.version_min)
+                self._delivered[eid] = s
+                out.append(Entry(eid, g, s))
+        if dropped:
+            pipe = self.r.pipeline(transaction=False)
+            for eid, reason, item in dropped:
+                self._discard(pipe, eid, f"drop:{reason}", item.worker, item.slot)
+            pipe.execute()
+            log.debug("learner v%d dropped %d groups", version, len(dropped))
+        return out
+
+    def _discard(self, pipe, eid: str, counter: str, worker: str | None, slot: str | None) -> None:  # noqa: ANN001
+        """Ack + delete an entry that will not be trained on, count it, and give its admission place back."""
+        pipe.xack(self.k_stream, GROUP, eid)
+        pipe.xdel(self.k_stream, eid)
+        pipe.hincrby(self.k_counts, counter, 1)
+        if worker is None:  # not pushed through push(): it never took an admission place
+            return
+        if self.cfg.policy == "bounded":
+            pipe.hincrby(self.k_state, "inflight", -1)
+        elif self.cfg.policy == "fixed" and slot not in (None, "-"):
+            pipe.hincrby(self.k_slots, slot, -1)
+
+    def _dead_letter(self, eid: str, bad: MalformedEntry, raw: bytes, worker: str | None, slot: str | None) -> None:
+        log.warning("dead-lettered buffer entry %s from %s: %s", eid, worker or "?", bad)
+        pipe = self.r.pipeline(transaction=False)
+        fields = {
+            "reason": bad.reason, "detail": bad.detail[:500], "raw": raw[:DEAD_RAW_BYTES], "raw_len": len(raw),
+            "entry_id": eid, "worker": worker or "",
+        }
+        pipe.xadd(self.k_dead, fields, maxlen=self.cfg.dead_letter_maxlen, approximate=True)
+        self._discard(pipe, eid, f"dead:{bad.reason}", worker, slot)
+        pipe.execute()
+
+    # ---------------- both ----------------
+
+    def stats(self) -> BufferStats:
+        c = self.cfg
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xlen(self.k_stream)
+        pipe.xpending(self.k_stream, GROUP)
+        pipe.xrange(self.k_stream, count=1)
+        pipe.time()
+        pipe.hgetall(self.k_counts)
+        pipe.hgetall(self.k_state)
+        pipe.xlen(self.k_dead)
+        pipe.smembers(self.k_workers)
+        pipe.hgetall(self.k_producers)
+        depth, pending, oldest, (sec, usec), counts, state, dead_depth, workers, prod = pipe.execute()
+        now_ms = sec * 1000 + usec / 1000
+        counts = {k.decode(): int(v) for k, v in counts.items()}
+        prod = {k.decode(): int(v) for k, v in prod.items()}
+        workers = sorted(w.decode() for w in workers)
+        pipe = self.r.pipeline(transaction=False)
+        for w in workers:
+            pipe.hvals(self._grants(w))
+        grants = {w: sum(int(v) for v in vals) for w, vals in zip(workers, pipe.execute())}
+        producers = {}
+        for w in workers:
+            n = prod.get(f"{w}|pushed", 0)
+            first, last = prod.get(f"{w}|first_ms"), prod.get(f"{w}|last_ms")
+            span_s = (last - first) / 1000 if first is not None and last is not None else 0.0
+            producers[w] = ProducerStats(
+                pushed=n,
+                groups_per_s=(n - 1) / span_s if span_s > 0 else 0.0,
+                last_push_age_s=(now_ms - last) / 1000 if last is not None else None,
+                outstanding=grants[w],
+            )
+
+        def by(prefix: str) -> dict[str, int]:
+            return {k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix) and v}
+
+        oldest_age = (now_ms - int(oldest[0][0].split(b"-")[0])) / 1000 if oldest else None
+        return BufferStats(
+            policy=c.policy,
+            max_staleness=c.max_staleness,
+            learner_version=int(state.get(b"version", 0)),
+            depth=depth,
+            pending=pending["pending"],
+            capacity=c.capacity_groups,
+            oldest_age_s=oldest_age,
+            consumed=counts.get("consumed", 0),
+            staleness_hist={int(k): v for k, v in sorted(by("stale:").items(), key=lambda kv: int(kv[0]))},
+            drops=by("drop:"),
+            dead_letters=by("dead:"),
+            dead_letter_depth=dead_depth,
+            admitted=counts.get("admitted", 0),
+            outstanding=sum(grants.values()),
+            producers=producers,
+        )
+
+    def dead_letters(self, count: int = 100) -> list[dict[str, bytes]]:
+        """The newest dead letters (fields as stored), newest first."""
+        return [{k.decode(): v for k, v in f.items()} for _, f in self.r.xrevrange(self.k_dead, count=count)]
+
+    def reset(self) -> None:
+        """Delete every key of this run's prefix and forget this instance's in-memory state."""
+        batch = []
+        for key in self.r.scan_iter(match=f"{_glob_escape(self.cfg.prefix)}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                self.r.delete(*batch)
+                batch.clear()
+        if batch:
+            self.r.delete(*batch)
+        self._pool.clear()
+        self._delivered.clear()
+        self._own_pending_read.clear()
+        self._ensure_group()
