@@ -54,7 +54,7 @@ class MetricsConfig(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address of the metrics and dashboard endpoints.")
     prometheus_port: int = Field(0, ge=0, le=65535, description="0 = a free port.")
     dashboard: bool = True
-    dashboard_port: int = Field(8265 + 1000, ge=0, le=65535)
+    dashboard_port: int = Field(9266, ge=0, le=65535)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "staleflow"

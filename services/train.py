@@ -1,0 +1,231 @@
+"""`staleflow train`: the whole run on one machine or a Ray cluster.
+
+Order of events: run directory (config.yaml saved) → Redis (embedded or external) → Ray (local or the cluster we
+are in) → model (the tiny CPU model is built once and cached) → weight registry, metrics hub, dashboard →
+learner actor (resumes from its newest checkpoint, publishes its starting weights) → rollout worker actors
+(generate into the buffer until stopped) → the driver asks the learner for one update at a time, shows
+progress, asks worker 0 for a held-out eval every `learner.eval_every` updates, and restarts a worker's loop
+after Ray restarted a dead worker. Ctrl-C (or the end) stops the workers, checkpoints the learner, evaluates the
+final weights, saves them to runs/<name>/final, and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from services.actors import LearnerActor, RolloutActor
+from services.config import Config, dump_config
+from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
+from services.metrics import MetricsHub
+from services.progress import TrainDisplay
+from services.registry import start_registry
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True, soft_wrap=True)
+QUIET = os.environ.get("STALEFLOW_QUIET") == "1"  # tests and CI: no live display
+
+
+def open_run_dir(cfg: Config, resume: Path | None) -> tuple[Config, Path]:
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise SystemExit(f"--resume {resume}: not a run directory (no config.yaml)")
+        return cfg, resume
+    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.learner.loss}"
+    run_dir = Path(cfg.runs_dir) / name
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(cfg.runs_dir) / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    cfg = cfg.model_copy(update={"name": run_dir.name})
+    (run_dir / "config.yaml").write_text(dump_config(cfg))  # no secrets: passwords live in the environment
+    return cfg, run_dir
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path != "tiny":
+        if not Path(cfg.model.path, "config.json").is_file():
+            raise SystemExit(f"model.path {cfg.model.path}: not a local HF model folder (no config.json)")
+        return str(Path(cfg.model.path).resolve())
+    from rollout_worker.tiny_model import ensure_tiny_model
+
+    with console.status("building the tiny CPU model (once; cached)"):
+        return str(Path(ensure_tiny_model(Path(cfg.model.tiny_dir), seed=cfg.model.tiny_seed)).resolve())
+
+
+def run_cfg(cfg: Config) -> Config:
+    """Settings derived from others, so nobody has to keep them in step by hand."""
+    keep = cfg.weights.keep_versions
+    if cfg.buffer.policy == "fixed":  # workers fetch the version s updates back
+        keep = max(keep, cfg.buffer.max_staleness + 2)
+    return cfg.model_copy(
+        update={
+            "weights": cfg.weights.model_copy(update={"keep_versions": keep}),
+            # One key namespace per run: several runs may share an external Redis.
+            "buffer": cfg.buffer.model_copy(update={"prefix": f"{cfg.buffer.prefix}:{cfg.name}"}),
+        }
+    )
+
+
+class Run:
+    """The actors of one run and the driver's loop over them."""
+
+    def __init__(self, cfg: Config, run_dir: Path, redis: RedisEndpoint, model_dir: str):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.registry = start_registry(cfg.weights.keep_versions, namespace=cfg.cluster.namespace)
+        self.hub = ray.remote(MetricsHub).options(num_cpus=0, max_concurrency=4).remote(str(run_dir), cfg.metrics)
+        gpu = cfg.learner.gpus > 0
+        self.learner = (
+            ray.remote(LearnerActor)
+            .options(
+                num_cpus=0 if gpu else cfg.learner.cpu_threads,
+                num_gpus=cfg.learner.gpus,
+                runtime_env={"env_vars": actor_env(cfg, cfg.learner.cpu_threads)},
+            )
+            .remote(cfg, model_dir, str(run_dir), redis, self.registry, self.hub)
+        )
+        self.workers = [
+            ray.remote(RolloutActor)
+            .options(
+                num_cpus=0 if cfg.rollout.gpus_per_worker else cfg.rollout.cpu_threads,
+                num_gpus=cfg.rollout.gpus_per_worker,
+                max_restarts=cfg.rollout.max_restarts,
+                max_task_retries=0,
+                max_concurrency=3,
+                runtime_env={"env_vars": actor_env(cfg, cfg.rollout.cpu_threads)},
+            )
+            .remote(cfg, model_dir, f"worker-{i}", redis, self.registry, self.hub)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        self.runs: dict[int, ray.ObjectRef] = {}
+        self.restarts = 0
+        self.evals: list[dict[str, Any]] = []
+        self._eval_ref: ray.ObjectRef | None = None
+
+    def start(self) -> int:
+        version = ray.get(self.learner.setup.remote())
+        self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
+        return version
+
+    def watch_workers(self) -> None:
+        """A worker whose loop ended by an error is restarted by Ray (max_restarts); start its loop again."""
+        done, _ = ray.wait(list(self.runs.values()), timeout=0)
+        for i, ref in list(self.runs.items()):
+            if ref not in done:
+                continue
+            try:
+                ray.get(ref)
+                log.warning("worker-%d stopped its loop; starting it again", i)
+            except ray.exceptions.RayError as exc:
+                if self.restarts >= self.cfg.rollout.max_restarts * len(self.workers):
+                    raise RuntimeError(f"worker-{i} failed and its restarts are used up: {exc}") from exc
+                self.restarts += 1
+                console.print(f"[yellow]worker-{i} died ({type(exc).__name__}); restart {self.restarts}[/]")
+            self.runs[i] = self.workers[i].run.remote()
+
+    def poll_eval(self, version: int, force: bool = False) -> dict[str, Any] | None:
+        """Start an eval every eval_every updates on worker 0; return a finished one, if any."""
+        result = None
+        if self._eval_ref is not None and (force or ray.wait([self._eval_ref], timeout=0)[0]):
+            result = ray.get(self._eval_ref)
+            self.evals.append(result)
+            self._eval_ref = None
+        every = self.cfg.learner.eval_every
+        if self._eval_ref is None and every and version % every == 0 and not force:
+            self._eval_ref = self.workers[0].evaluate.remote(load_latest=True)
+        return result
+
+    def train(self, display: TrainDisplay, version: int, total: int) -> int:
+        while version < total:
+            ref = self.learner.train.remote(1)
+            while not ray.wait([ref], timeout=1.0)[0]:
+                self.watch_workers()
+            stats = ray.get(ref)
+            version = int(stats.get("policy/version", version + 1))
+            values = dict(stats)
+            ev = self.poll_eval(version)
+            if ev is not None:
+                values["eval/accuracy"] = ev["accuracy"]
+            display.update(version, values)
+        return version
+
+    def stop(self, final_eval: bool) -> dict[str, Any]:
+        """Stop workers, checkpoint, evaluate and save the final policy. Each step bounded in time."""
+        summary: dict[str, Any] = {}
+        for w in self.workers:
+            w.stop.remote()
+        ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
+        summary["version"] = ray.get(self.learner.checkpoint.remote(), timeout=300)
+        if self._eval_ref is not None:
+            self.poll_eval(summary["version"], force=True)
+        if final_eval:
+            summary["final"] = str(ray.get(self.learner.save_final.remote(str(self.run_dir / "final")), timeout=300))
+            result = ray.get(self.workers[0].evaluate.remote(load_latest=True), timeout=300)
+            summary["final_eval"] = result
+            (self.run_dir / "eval.json").write_text(__import__("json").dumps(result, indent=2))
+        ray.get(self.hub.close.remote(), timeout=30)
+        return summary
+
+
+def run_train(cfg: Config, resume: Path | None = None) -> int:
+    """Run a training job; returns the process exit code."""
+    cfg, run_dir = open_run_dir(cfg, resume)
+    cfg = run_cfg(cfg)
+    console.print(f"run directory: [bold]{run_dir}[/]")
+    t0 = time.time()
+    with ExitStack() as stack:
+        # SIGTERM (ray job stop, docker stop) takes the same clean path as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
+        redis = start_redis(cfg, stack, data_dir=run_dir / "redis")
+        model_dir = resolve_model(cfg)
+        start_ray(cfg, stack)
+        run = Run(cfg, run_dir, redis, model_dir)
+        stack.callback(_kill_actors, run)
+        url = ray.get(run.hub.prometheus_url.remote())
+        console.print(f"prometheus metrics: {url}")
+        if cfg.metrics.dashboard:
+            from services.dashboard import start_dashboard
+
+            dash_url, stop_dash = start_dashboard([run_dir], host=cfg.metrics.host, port=cfg.metrics.dashboard_port)
+            stack.callback(stop_dash)
+            console.print(f"dashboard: [bold]{dash_url}[/]")
+        interrupted = False
+        version = run.start()
+        with TrainDisplay(cfg.learner.total_steps, start_step=version, quiet=QUIET) as display:
+            try:
+                version = run.train(display, version, cfg.learner.total_steps)
+            except KeyboardInterrupt:
+                interrupted = True
+                console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
+        summary = run.stop(final_eval=not interrupted)
+    _print_summary(run_dir, summary, time.time() - t0, run.evals, interrupted)
+    return 130 if interrupted else 0
+
+
+def _kill_actors(run: Run) -> None:
+    for actor in [run.learner, *run.workers, run.hub]:
+        ray.kill(actor, no_restart=True)
+
+
+def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict], interrupted: bool) -> None:
+    console.rule("staleflow train: stopped (resumable)" if interrupted else "staleflow train: done")
+    console.print(f"updates: {summary.get('version')}   wall time: {wall_s / 60:.1f} min")
+    if evals:
+        curve = "  ".join(f"v{e['version']}:{e['accuracy']:.2f}" for e in evals)
+        console.print(f"held-out accuracy: {curve}")
+    if "final_eval" in summary:
+        console.print(f"final held-out accuracy: [bold]{summary['final_eval']['accuracy']:.3f}[/]")
+    if interrupted:
+        console.print(f"resume with: staleflow train --resume {run_dir}")
+    console.print(f"run directory: [bold]{run_dir}[/]")
