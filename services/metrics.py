@@ -13,8 +13,8 @@ Run directory (read back by the dashboard and `staleflow plot`):
     wandb/          Weights & Biases files when metrics.wandb (offline mode needs no network)
 
 Prometheus: "staleflow_" + name with every non [a-zA-Z0-9_] character as "_" (staleness/mean ->
-staleflow_staleness_mean); rollout series carry a `worker` label; staleness/hist ({staleness: count} per step)
-accumulates into the histogram staleflow_staleness_hist (buckets le=0,1,2,...), which Grafana draws as a
+staleflow_staleness_mean); every series carries `run` (the run dir's name), rollout series also `worker`;
+staleness/hist ({staleness: count} per step) accumulates into the histogram staleflow_staleness_hist (buckets le=0,1,2,...), which Grafana draws as a
 heatmap. Lines are flushed as they are written so a live dashboard sees them at once; NaN/inf become null
 (JSON has no NaN).
 """
@@ -105,13 +105,15 @@ def _flatten(values: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dic
 class _Collector:
     """Serves the latest value of every series at scrape time (one family per name, any label set)."""
 
-    def __init__(self) -> None:
+    def __init__(self, const_labels: dict[str, str]) -> None:
+        self.const_labels = const_labels  # run=<name> on every series: Grafana tells runs apart
         self.lock = threading.Lock()
         self.gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         self.hist_counts: dict[str, dict[float, float]] = {}  # name -> staleness -> total count so far
         self.hist_sums: dict[str, float] = {}
 
     def set(self, name: str, labels: dict[str, str], value: float) -> None:
+        labels = {**self.const_labels, **labels}
         self.gauges.setdefault(prometheus_name(name), {})[tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, counts: dict[float, float]) -> None:
@@ -133,10 +135,12 @@ class _Collector:
                     (floatToGoString(b), sum(n for s, n in acc.items() if s <= b)) for b in STALENESS_BUCKETS
                 ]
                 buckets.append(("+Inf", sum(acc.values())))
-                yield HistogramMetricFamily(
+                family = HistogramMetricFamily(
                     pname, "samples per staleness (policy versions behind) consumed by the learner",
-                    buckets=buckets, sum_value=self.hist_sums[pname],
+                    labels=list(self.const_labels),
                 )
+                family.add_metric(list(self.const_labels.values()), buckets, self.hist_sums[pname])
+                yield family
 
 
 class MetricsHub:
@@ -153,7 +157,7 @@ class MetricsHub:
         self._latest_side: dict[str, Any] = {}  # latest buffer + eval values, merged into learner records
         self._closed = False
 
-        self._collector = _Collector()
+        self._collector = _Collector({"run": self.run_dir.name})
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self._collector)
         self._server, self._server_thread = start_http_server(

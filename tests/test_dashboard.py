@@ -113,8 +113,9 @@ def test_requests_outside_the_runs_are_refused(dashboard: str) -> None:
 def chromium(binary: str, profile: Path, url: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-        f"--user-data-dir={profile}", "--window-size=1500,2500", "--virtual-time-budget=15000", *args, url,
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1500,2500",
+        "--virtual-time-budget=15000", *args, url,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
@@ -134,6 +135,32 @@ def test_every_panel_renders_in_headless_chromium(dashboard: str, tmp_path: Path
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
-    png = chromium(binary, tmp_path / "profile", f"{dashboard}#runs={RUNS[0]},{RUNS[1]}", f"--screenshot={shot}")
+    page = f"{dashboard}#runs={RUNS[0]},{RUNS[1]}"
+    png = chromium(binary, tmp_path / "profile", page, f"--screenshot={shot}")
     assert png.returncode == 0, png.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+def test_plot_overlays_runs_with_every_panel(runs_root: Path, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+    from typer.testing import CliRunner
+
+    from services.cli import app
+    from services.plots import load_run, panel_series, plot_runs
+
+    for name in RUNS:
+        run = load_run(runs_root / name)
+        for panel in PANELS:
+            if panel.kind == "line":
+                assert panel_series(panel, run, time_axis=False), (name, panel.id)
+    out = tmp_path / "compare.png"
+    args = ["plot", str(runs_root / RUNS[0]), str(runs_root / RUNS[1]), "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out)
+    height, width, _ = imread(out).shape
+    assert width > 1500 and height > 1500
+    with pytest.raises(ValueError, match="no metrics"):
+        plot_runs([runs_root / "not-a-run"], tmp_path / "empty.png")
+    with pytest.raises(FileNotFoundError):
+        plot_runs([tmp_path / "missing"], tmp_path / "missing.png")

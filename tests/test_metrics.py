@@ -26,11 +26,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def scrape(hub: MetricsHub) -> dict[tuple[str, tuple], float]:
+    """{(sample name, labels other than run): value}; every sample must carry run=<run dir name>."""
     text = urllib.request.urlopen(hub.prometheus_url(), timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
-    }
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = dict(s.labels)
+            assert labels.pop("run") == hub.run_dir.name, s
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
+    return out
 
 
 @pytest.fixture
@@ -186,7 +190,7 @@ def test_hub_as_a_ray_actor_takes_metrics_from_a_logger(tmp_path: Path) -> None:
             learner(step, {"staleness/mean": step / 2, "staleness/hist": {0: 2, 1: step}})
         url = ray.get(actor.prometheus_url.remote())  # actor calls run in order: all logs are in
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        assert 'staleflow_rollout_version_lag{worker="w3"} 2.0' in text
+        assert 'staleflow_rollout_version_lag{run="run",worker="w3"} 2.0' in text
         ray.get(actor.close.remote())
     finally:
         ray.shutdown()
