@@ -25,6 +25,10 @@ class LearnerConfig(BaseModel):
     total_steps: int = Field(100, ge=1, description="Optimizer updates (= policy versions) to train.")
     micro_batch_tokens: int = Field(8192, ge=16, description="Token budget of a micro-batch (padding included).")
     zero_stage: Literal[0, 1, 2, 3] = 2
+    optimizer: Literal["torch", "deepspeed"] = Field(
+        "torch", description="torch: torch.optim.AdamW (no build); deepspeed: FusedAdam/CPUAdam (JIT-built once)."
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (needs deepspeed optimizer).")
     num_processes: int = Field(1, ge=1, description="Data-parallel ranks.")
     gpus: float = Field(0.0, ge=0, description="GPUs per learner rank (0 on CPU).")
     dtype: Literal["float32", "bfloat16"] = "float32"

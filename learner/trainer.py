@@ -1,0 +1,358 @@
+"""The DeepSpeed training step: one optimizer update (= one policy version) per batch of trajectory groups.
+
+Split invariance is the design constraint. Every loss is a token sum divided by the GLOBAL valid-token count
+(`denominator=`), and each micro-batch's loss is multiplied by the data-parallel world size before backward:
+DeepSpeed averages gradients over ranks and, with `scale_wrt_gas=False`, does not divide by its accumulation
+steps, so the accumulated, averaged gradient is exactly the gradient of the whole-batch loss. For M2PO the
+drop threshold is chosen once over the whole batch: a no-grad pass collects the trust-region (log r)^2 of every
+micro-batch on every rank (all-gathered, sizes vary), `m2po_threshold` picks one threshold, and the grad pass
+masks with it. Hence: same mask, same update, whether the batch runs as 1, 2 or 4 micro-batches or on 2 ranks.
+
+Every rank is handed the same global list of groups and trains on its own deterministic shard; ranks with
+fewer micro-batches run zero-loss dummy micro-batches so that ZeRO's per-backward collectives line up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from buffer.trajectory import TrajectoryGroup
+from learner.batching import MicroBatch, Row, build_rows, micro_batches, shard_rows
+from learner.config import LearnerConfig
+
+_STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group set up by a launcher (RANK/WORLD_SIZE/MASTER_*), or make a world of one."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        # One "sample" per micro-batch: the real accumulation is driven by step() (boundary set by hand).
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optimizer == "deepspeed":  # FusedAdam / CPUAdam (JIT-built on first use, ~45 s cold on CPU)
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "eps": 1e-8},
+        }
+    return config
+
+
+def all_gather_variable(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-d tensor of per-rank length over all ranks (rank order)."""
+    world = dist.get_world_size()
+    if world == 1:
+        return values
+    n = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class Trainer:
+    """A DeepSpeed engine over a local HF causal LM, stepping on lists of TrajectoryGroups."""
+
+    def __init__(self, cfg: LearnerConfig, model_dir: str | Path, *, temperature: float = 1.0, version: int = 0):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        init_distributed()
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cfg.cpu_threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.temperature = temperature  # the rollout's sampling temperature: behaviour log-probs are under it
+        self.version = version
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None
+        if cfg.optimizer == "torch":
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+        warmup = cfg.warmup_steps
+
+        def schedule(opt):  # linear warm-up then constant (the paper's recipe is constant)
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=deepspeed_config(cfg),
+        )
+        self.device = self.engine.device
+
+    # ---------------------------------------------------------------- log-probs
+    def _response_logp(self, mb: MicroBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log p(response token) under the current weights: [B, T] (0 where masked), and optionally entropy.
+
+        Logits are computed only for the valid response positions ([N, V], N = valid tokens), not the whole
+        [B, L, V] sequence: the vocabulary projection is the learner's largest activation.
+        """
+        module = self.engine.module
+        input_ids = mb.input_ids.to(self.device)
+        hidden = module.get_decoder()(
+            input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device)
+        ).last_hidden_state  # [B, L, H]
+        b, t = mb.mask.shape
+        mask = mb.mask.to(self.device)
+        # The logit predicting response token k sits at position P - 1 + k.
+        pos = (mb.prompt_lens.to(self.device)[:, None] - 1 + torch.arange(t, device=self.device)).clamp(
+            max=hidden.shape[1] - 1
+        )  # [B, T]
+        h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[mask]  # [N, H]
+        logits = module.get_output_embeddings()(h).float()  # [N, V]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logsm = torch.log_softmax(logits, dim=-1)  # [N, V]
+        tokens = mb.response_ids.to(self.device)[mask]  # [N]
+        token_logp = logsm.gather(-1, tokens[:, None]).squeeze(-1)  # [N]
+        logp = torch.zeros(b, t, dtype=token_logp.dtype, device=self.device).masked_scatter(mask, token_logp)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = -(logsm.exp() * logsm).sum(-1)  # [N]
+                entropy = torch.zeros(b, t, device=self.device).masked_scatter(mask, ent)
+        return logp, entropy
+
+    def _dummy_backward(self) -> None:
+        """A zero-gradient micro-batch, so every rank runs the same number of backwards (ZeRO collectives)."""
+        module = self.engine.module
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        hidden = module.get_decoder()(input_ids=ids).last_hidden_state
+        loss = module.get_output_embeddings()(hidden).float().sum() * 0.0
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    # ---------------------------------------------------------------- the step
+    def step(self, groups: Sequence[TrajectoryGroup]) -> dict[str, float | list]:
+        """One optimizer update over `groups` (the same global list on every rank). Returns the step metrics."""
+        from learner.advantages import grpo_advantages
+        from learner.losses import loss_defaults, m2po_threshold, m2po_trust_region_values, policy_loss
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        rows, zero_groups = build_rows(groups, self.version, grpo_advantages)
+        if not rows:
+            raise ValueError("step() needs at least one trajectory")
+        local: list[Row] = shard_rows(rows, self.rank, self.world_size)
+        mbs = micro_batches(local, cfg.micro_batch_tokens, self.version)
+        n_steps = self._max_over_ranks(len(mbs))
+        denominator = torch.tensor(float(sum(len(r.response_ids) for r in rows)), device=self.device).clamp(min=1)
+        params = dict(cfg.loss_params)
+
+        stats: dict[str, float | list] = {}
+        self.engine.train()
+        if cfg.loss == "m2po":
+            tau = float(params.get("tau", loss_defaults("m2po")["tau"]))
+            threshold, m2_stats = self._global_m2po_threshold(
+                mbs, tau, m2po_trust_region_values, m2po_threshold, int(denominator)
+            )
+            params["threshold"] = threshold
+            stats.update(m2_stats)
+
+        acc = _Accumulator(self.device)
+        for i in range(n_steps):
+            self.engine.set_gradient_accumulation_boundary(i == n_steps - 1)
+            if i >= len(mbs):
+                self._dummy_backward()
+                continue
+            mb = mbs[i]
+            logp, entropy = self._response_logp(mb, with_entropy=True)
+            blogp = mb.behaviour_logp.to(self.device)
+            adv = mb.advantages.to(self.device)
+            mask = mb.mask.to(self.device)
+            loss, loss_stats = policy_loss(cfg.loss, logp, blogp, adv, mask, denominator=denominator, **params)
+            # x world: DeepSpeed averages over ranks; the per-rank sums must add up to the whole-batch loss.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            acc.add_micro_batch(mb, logp.detach(), entropy, loss.detach(), loss_stats)
+        self.engine.step()
+        self.version += 1
+
+        stats.update(acc.reduce())
+        stats.update(_batch_stats(rows, zero_groups))
+        elapsed = time.perf_counter() - t0
+        stats["policy/version"] = float(self.version)
+        stats["time/step_s"] = elapsed
+        stats["throughput/train_tokens_per_s"] = sum(r.length for r in rows) / max(elapsed, 1e-9)
+        stats["learner/micro_batches"] = float(n_steps)
+        stats["learner/lr"] = float(self.engine.get_lr()[0])
+        grad_norm = self.engine.get_global_grad_norm()  # before clipping
+        if grad_norm is not None:
+            stats["grad/norm"] = float(grad_norm)
+        return stats
+
+    @torch.no_grad()
+    def _global_m2po_threshold(self, mbs, tau, values_fn, threshold_fn, total_tokens) -> tuple[torch.Tensor, dict]:
+        # Same micro-batches, same (train) mode as the grad pass: each token's (log r)^2 is recomputed
+        # bit-identically there, so the loss masks exactly the tokens selected here.
+        local = [
+            values_fn(
+                self._response_logp(mb, with_entropy=False)[0],
+                mb.behaviour_logp.to(self.device),
+                mb.advantages.to(self.device),
+                mb.mask.to(self.device),
+            ).float()
+            for mb in mbs
+        ]
+        values = all_gather_variable(torch.cat(local) if local else torch.zeros(0, device=self.device))
+        threshold = threshold_fn(values, tau).to(self.device)
+        kept = values[values < threshold]  # the loss drops (log r)^2 >= threshold
+        stats = {
+            "m2po/tau": tau,
+            "m2po/threshold": float(threshold),
+            "m2po/trust_region_tokens": float(values.numel()),
+            "m2po/m2_before": float(values.mean()) if values.numel() else 0.0,
+            "m2po/m2_after": float(kept.mean()) if kept.numel() else 0.0,
+            "m2po/trust_region_fraction": float(values.numel()) / max(1, total_tokens),
+        }
+        return threshold, stats
+
+    def _max_over_ranks(self, n: int) -> int:
+        if self.world_size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    # ---------------------------------------------------------------- weights out
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The parameters by HF name, for publishing (live tensors: copy before the next step).
+
+        ZeRO 0-2: full tensors on every rank. ZeRO-3: the partitioned parameters themselves (they carry
+        `ds_id`), for a publisher that gathers them bucket by bucket, collectively on every rank.
+        """
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            yield from module.named_parameters()
+        else:
+            yield from ((name, p.detach()) for name, p in module.named_parameters())
+
+
+class _Accumulator:
+    """Token-level sums over micro-batches and ranks -> global means (all_reduce SUM / MAX).
+
+    Whatever the loss removes from the gradient (M2PO's mask, PPO's clip, ...) comes from its own stats
+    (`masked_fraction*` x token counts), so the fraction is exact over the whole batch for every loss.
+    """
+
+    SUMS = (
+        "tokens", "loss", "masked", "masked_pos", "masked_neg", "pos_tokens", "neg_tokens",
+        "k1", "k3", "r", "r2", "entropy", "mismatch", "mismatch_tokens", "clamped",
+    )  # fmt: skip
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
+        self.ratio_max = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def _add(self, name: str, value) -> None:
+        self.sums[self.SUMS.index(name)] += float(value)
+
+    def add_micro_batch(self, mb: MicroBatch, logp, entropy, loss, loss_stats: dict) -> None:
+        mask = mb.mask.to(self.device)
+        log_r = (logp - mb.behaviour_logp.to(self.device))[mask].double().clamp(-20, 20)  # [N], as the loss clamps
+        a = mb.advantages.to(self.device)[mask]  # [N]
+        r = log_r.exp()
+        n_pos, n_neg = int((a > 0).sum()), int((a < 0).sum())
+        self._add("tokens", log_r.numel())
+        self._add("loss", loss)
+        self._add("masked", loss_stats["masked_fraction"] * log_r.numel())
+        self._add("masked_pos", loss_stats["masked_fraction_pos"] * n_pos)
+        self._add("masked_neg", loss_stats["masked_fraction_neg"] * n_neg)
+        self._add("pos_tokens", n_pos)
+        self._add("neg_tokens", n_neg)
+        self._add("clamped", loss_stats.get("clamp_count", 0.0))
+        self._add("k1", (-log_r).sum())
+        # k3 = E[r - 1 - log r] over behaviour samples: non-negative, low-variance KL(behaviour || current)
+        self._add("k3", (r - 1 - log_r).sum())
+        self._add("r", r.sum())
+        self._add("r2", r.square().sum())
+        self._add("entropy", entropy[mask].sum())
+        if r.numel():
+            self.ratio_max = torch.maximum(self.ratio_max, r.max().reshape(1))
+        # train/inference mismatch apart from staleness: tokens generated by the very weights being trained
+        fresh = mb.token_staleness.to(self.device)[mask] == 0
+        self._add("mismatch", log_r[fresh].abs().sum())
+        self._add("mismatch_tokens", fresh.sum())
+
+    def reduce(self) -> dict[str, float]:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(self.sums)
+            dist.all_reduce(self.ratio_max, op=dist.ReduceOp.MAX)
+        s = dict(zip(self.SUMS, self.sums.tolist()))
+        tok = max(s["tokens"], 1.0)
+        return {
+            "loss/value": s["loss"],
+            "loss/masked_fraction": s["masked"] / tok,
+            "loss/masked_fraction_pos": s["masked_pos"] / max(s["pos_tokens"], 1.0),
+            "loss/masked_fraction_neg": s["masked_neg"] / max(s["neg_tokens"], 1.0),
+            "loss/masked_tokens": round(s["masked"]),
+            "kl/k1": s["k1"] / tok,
+            "kl/k3": s["k3"] / tok,
+            "entropy": s["entropy"] / tok,
+            "ratio/mean": s["r"] / tok,
+            "ratio/max": float(self.ratio_max.item()),
+            "ratio/ess_fraction": s["r"] ** 2 / (tok * s["r2"]) if s["r2"] else 0.0,
+            "ratio/log_clamped": s["clamped"],
+            "mismatch/abs_logp_diff": s["mismatch"] / s["mismatch_tokens"] if s["mismatch_tokens"] else 0.0,
+            "mismatch/tokens": s["mismatch_tokens"],
+            "train/tokens": s["tokens"],
+        }
+
+
+def _batch_stats(rows: Sequence[Row], zero_groups: int) -> dict[str, float | list]:
+    stale = torch.tensor([r.staleness for r in rows], dtype=torch.float64)
+    hist = torch.bincount(stale.long().clamp(max=_STALENESS_HIST_BINS - 1), minlength=_STALENESS_HIST_BINS)
+    return {
+        "staleness/mean": float(stale.mean()),
+        "staleness/max": float(stale.max()),
+        "staleness/hist": hist.tolist(),
+        "reward/mean": sum(r.reward for r in rows) / len(rows),
+        "advantage/zero_groups": float(zero_groups),
+        "train/sequences": float(len(rows)),
+    }

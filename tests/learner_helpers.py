@@ -1,0 +1,192 @@
+"""Helpers for the learner tests: a tiny random Qwen2, synthetic groups, and process entry points.
+
+DeepSpeed runs in child processes (its process group and engine state must not leak into the pytest process):
+
+    python -m tests.learner_helpers invariance MODEL_DIR OUT_DIR WORLD BUDGET...  # see run_invariance
+    python -m tests.learner_helpers learn CONFIG_JSON                      # the learner loop (kill/resume test)
+
+Each step writes OUT_DIR/<name>.safetensors (parameters after the step) and OUT_DIR/<name>.json (metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from buffer.trajectory import Trajectory, TrajectoryGroup
+
+VOCAB = 64
+
+
+def tiny_model(path: str | Path, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(str(path))
+    return Path(path)
+
+
+def make_groups(n_groups: int, seed: int = 0, *, n: int = 4, version: int = 0, prefix: str = "g") -> list[TrajectoryGroup]:
+    """Groups with varied prompt/response lengths. Behaviour log-probs = a uniform model's (-log V) plus
+    noise, so that (log r)^2 against the random tiny model spreads around M2PO's tau and masks some tokens."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(n_groups):
+        gid = f"{prefix}{seed}-{g}"
+        trajs = []
+        for i in range(n):
+            t = int(rng.integers(1, 14))
+            trajs.append(
+                Trajectory.make(
+                    id=f"{gid}-{i}",
+                    group_id=gid,
+                    prompt_ids=rng.integers(1, VOCAB, int(rng.integers(2, 7))),
+                    response_ids=rng.integers(1, VOCAB, t),
+                    behaviour_logp=(-np.log(VOCAB) + rng.normal(0, 0.3, t)).astype(np.float32),
+                    version=version,
+                    reward=float(rng.integers(0, 2)),
+                )
+            )
+        trajs[0] = trajs[0].model_copy(update={"reward": 1.0})  # no all-equal groups: every group has signal
+        trajs[1] = trajs[1].model_copy(update={"reward": 0.0})
+        groups.append(TrajectoryGroup(group_id=gid, trajectories=trajs))
+    return groups
+
+
+def learner_config(budget: int, **fields):
+    from learner.config import LearnerConfig
+
+    base = dict(loss="m2po", lr=1e-3, weight_decay=0.0, micro_batch_tokens=budget, zero_stage=2, dtype="float32")
+    return LearnerConfig(**{**base, **fields})
+
+
+def _save(trainer, stats: dict, out: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().clone().contiguous() for k, v in trainer.named_tensors()}, str(out / f"{name}.safetensors"))
+    (out / f"{name}.json").write_text(json.dumps(stats))
+
+
+def _split_main(model_dir: str, out: str, budgets: list[int]) -> None:
+    from learner.trainer import Trainer
+
+    for budget in budgets:
+        trainer = Trainer(learner_config(budget), model_dir)
+        _save(trainer, trainer.step(make_groups(6)), Path(out), f"split-{budget}")
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, budget: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    from learner.trainer import Trainer
+
+    trainer = Trainer(learner_config(budget), model_dir)
+    stats = trainer.step(make_groups(6))
+    if rank == 0:
+        _save(trainer, stats, Path(out), f"ranks{world}-{budget}")
+
+
+def reference_step(model_dir: str, out: str) -> None:
+    """The same update in plain torch, no DeepSpeed and no micro-batching: each sequence alone through the
+    FULL logits (an independent log-prob path), one M2PO threshold over the batch, whole-batch token mean,
+    clip_grad_norm_, AdamW. Writes reference.safetensors / reference.json."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.advantages import grpo_advantages
+    from learner.batching import build_rows
+    from learner.losses import m2po_threshold, m2po_trust_region_values, policy_loss
+
+    cfg = learner_config(10**6)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows, _ = build_rows(make_groups(6), 0, grpo_advantages)
+
+    def tensors(r):
+        ids = torch.tensor(np.concatenate([r.prompt_ids, r.response_ids]), dtype=torch.long)[None]
+        p, t = len(r.prompt_ids), len(r.response_ids)
+        logits = model(input_ids=ids).logits[0, p - 1 : p + t - 1]  # [T, V]: position j predicts token j + 1
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, p:, None]).T  # [1, T]
+        blogp = torch.from_numpy(r.behaviour_logp.copy())[None]
+        return logp, blogp, torch.full((1, t), r.advantage), torch.ones(1, t, dtype=torch.bool)
+
+    with torch.no_grad():
+        values = torch.cat([m2po_trust_region_values(*tensors(r)) for r in rows])
+    threshold = m2po_threshold(values, 0.04)
+    total = sum(len(r.response_ids) for r in rows)
+    loss = 0.0
+    masked = 0.0
+    for r in rows:
+        piece, st = policy_loss("m2po", *tensors(r), threshold=threshold, denominator=total)
+        loss = loss + piece
+        masked += st["masked_fraction"] * len(r.response_ids)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt.step()
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in model.named_parameters()}, str(Path(out) / "reference.safetensors"))
+    stats = {"loss/value": float(loss), "grad/norm": float(norm), "loss/masked_tokens": round(masked)}
+    (Path(out) / "reference.json").write_text(json.dumps(stats))
+
+
+def run_invariance(model_dir: str, out: str, budgets: list[int], world: int) -> None:
+    """One step per budget on 1 rank, one on `world` gloo ranks (first budget after the largest), then the
+    plain-torch reference. Children are forked from this process, which has imported DeepSpeed and
+    transformers once (importing them costs more than the steps) and runs no torch op before forking."""
+    import learner.trainer  # noqa: F401  (imports deepspeed + transformers once, before forking)
+
+    ctx = torch.multiprocessing.get_context("fork")
+    child = ctx.Process(target=_split_main, args=(model_dir, out, budgets))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"single-rank run failed ({child.exitcode})")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(world, port, model_dir, out, budgets[1]), nprocs=world, join=True, start_method="fork"
+    )
+    reference_step(model_dir, out)
+
+
+def run_learn(config_path: str) -> None:
+    """The learner loop against a real Redis buffer, as a standalone process (killed and resumed by a test)."""
+    from buffer.config import BufferConfig
+    from buffer.redis_buffer import StalenessBuffer
+    from buffer.server import connect
+    from learner.loop import run_learner
+
+    spec = json.loads(Path(config_path).read_text())
+    client = connect(spec["redis_url"], os.environ["TEST_REDIS_PASSWORD"])
+    buffer = StalenessBuffer(client, BufferConfig(**spec["buffer"]))
+    cfg = learner_config(spec["budget"], checkpoint_every=spec["checkpoint_every"], keep_checkpoints=2)
+    published: list[int] = []
+
+    def report(stats: dict, step: int) -> None:
+        print(json.dumps({"step": step, "loss": stats["loss/value"], "published": published[-1:]}), flush=True)
+
+    run_learner(
+        cfg, spec["model_dir"], buffer, lambda v, named: published.append(v) or {}, report, spec["total_steps"],
+        run_dir=spec["run_dir"], batch_groups=spec["batch_groups"], pull_block_ms=200, starve_timeout_s=30,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    if cmd == "invariance":
+        run_invariance(args[0], args[1], [int(b) for b in args[3:]], int(args[2]))
+    elif cmd == "learn":
+        run_learn(args[0])
+    else:
+        raise SystemExit(f"unknown command {cmd}")
