@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import redis
@@ -92,7 +93,6 @@ class StalenessBuffer:
         self.k_slots, self.k_workers, self.k_producers = f"{p}:slots", f"{p}:workers", f"{p}:producers"
         self.k_counts = f"{p}:counts"
         self._admit = client.register_script(ADMIT_LUA)
-        self._push = client.register_script(PUSH_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._pool: dict[str, _Pooled] = {}
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
@@ -130,11 +130,13 @@ class StalenessBuffer:
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.25)
 
-    def _push_call(self, payload: bytes, group: TrajectoryGroup, worker_id: str, client=None):  # noqa: ANN001
-        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
+    def _queue_push(self, pipe, payload: bytes, group: TrajectoryGroup, worker_id: str) -> None:  # noqa: ANN001
+        """XADD + the accounting script, queued on a MULTI pipeline: together atomic (see PUSH_LUA)."""
         slot = "-" if group.slot is None else str(group.slot)
-        args = [payload, worker_id, slot, self.cfg.capacity_groups, self.cfg.policy]
-        return self._push(keys=keys, args=args, client=client)
+        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
+        pipe.xadd(self.k_stream, {"d": payload, "w": worker_id, "s": slot})
+        # EVAL, not EVALSHA: inside MULTI a NOSCRIPT error would leave the XADD without its accounting
+        pipe.eval(PUSH_LUA, len(keys), *keys, worker_id, slot, self.cfg.capacity_groups, self.cfg.policy)
 
     def push(self, group: TrajectoryGroup, worker_id: str, *, timeout_s: float | None = None) -> str:
         """Append one group; while the stream holds `capacity_groups` entries, wait with backoff, and raise
@@ -142,15 +144,15 @@ class StalenessBuffer:
         return self._push_with_backoff(encode_group(group), group, worker_id, timeout_s)
 
     def push_many(self, groups: list[TrajectoryGroup], worker_id: str, *, timeout_s: float | None = None) -> list[str]:
-        """Append several groups in one round trip (pipelined); those refused for lack of room wait as in push."""
+        """Append several groups in one round trip; those refused for lack of room then wait as in push."""
         payloads = [encode_group(g) for g in groups]
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         for payload, group in zip(payloads, groups):
-            self._push_call(payload, group, worker_id, client=pipe)
-        ids = pipe.execute()
+            self._queue_push(pipe, payload, group, worker_id)
+        res = pipe.execute()
         return [
-            i.decode() if i else self._push_with_backoff(p, g, worker_id, timeout_s)
-            for i, p, g in zip(ids, payloads, groups)
+            i.decode() if ok else self._push_with_backoff(p, g, worker_id, timeout_s)
+            for i, ok, p, g in zip(res[0::2], res[1::2], payloads, groups)
         ]
 
     def _push_with_backoff(self, payload: bytes, group: TrajectoryGroup, worker_id: str, timeout_s) -> str:  # noqa: ANN001
@@ -158,8 +160,10 @@ class StalenessBuffer:
         deadline = time.monotonic() + timeout_s
         delay = 0.005
         while True:
-            entry_id = self._push_call(payload, group, worker_id)
-            if entry_id:
+            pipe = self.r.pipeline(transaction=True)
+            self._queue_push(pipe, payload, group, worker_id)
+            entry_id, ok = pipe.execute()
+            if ok:
                 return entry_id.decode()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -208,22 +212,18 @@ class StalenessBuffer:
         return out
 
     def ack(self, ids: list[str]) -> int:
-        """Acknowledge and delete consumed entries (after the checkpoint that covers them). Returns how many
-        were still pending."""
+        """Acknowledge and delete consumed entries (after the checkpoint that covers them); they count as
+        consumed (stats) if this instance handed them out. Returns how many were still pending."""
         if not ids:
             return 0
-        pipe = self.r.pipeline(transaction=False)
+        hist = Counter(s for s in (self._delivered.pop(i, None) for i in ids) if s is not None)
+        pipe = self.r.pipeline(transaction=False)  # one round trip: ack, delete, count
         pipe.xack(self.k_stream, GROUP, *ids)
         pipe.xdel(self.k_stream, *ids)
-        acked = int(pipe.execute()[0])
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            s = self._delivered.pop(i, None)
-            if s is not None:
-                pipe.hincrby(self.k_counts, f"stale:{s}", 1)
-        pipe.hincrby(self.k_counts, "consumed", acked)
-        pipe.execute()
-        return acked
+        for s, n in hist.items():
+            pipe.hincrby(self.k_counts, f"stale:{s}", n)
+        pipe.hincrby(self.k_counts, "consumed", sum(hist.values()))
+        return int(pipe.execute()[0])
 
     def _read_own_pending(self, consumer: str) -> None:
         """A restarted learner: entries delivered to this consumer name before and never acked come again."""

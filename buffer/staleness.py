@@ -118,11 +118,16 @@ return {granted, slot, req, V}
 """
 
 PUSH_LUA = """
--- KEYS: stream, grants(worker), state, slots, producers, workers ; ARGV: payload, worker, slot, capacity, policy
--- Returns the entry id, or false when the stream is full (the caller backs off and retries).
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return false end
-local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1], 'w', ARGV[2], 's', ARGV[3])
-local slot, policy = ARGV[3], ARGV[5]
+-- Runs in the same MULTI/EXEC right after the producer's XADD, so the stream's last entry is that group (the
+-- payload itself never passes through Lua: copying 100 KB into the script cost more than the XADD).
+-- KEYS: stream, grants(worker), state, slots, producers, workers ; ARGV: worker, slot, capacity, policy
+-- Returns 1, or false when the stream was already full: then the XADD is undone and the caller retries later.
+if redis.call('XLEN', KEYS[1]) > tonumber(ARGV[3]) then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  redis.call('XDEL', KEYS[1], last[1][1])
+  return false
+end
+local w, slot, policy = ARGV[1], ARGV[2], ARGV[4]
 local left = tonumber(redis.call('HGET', KEYS[2], slot) or '0')
 if left > 0 then
   if left == 1 then redis.call('HDEL', KEYS[2], slot) else redis.call('HINCRBY', KEYS[2], slot, -1) end
@@ -132,13 +137,13 @@ elseif policy == 'bounded' then
 elseif policy == 'fixed' and slot ~= '-' then
   redis.call('HINCRBY', KEYS[4], slot, 1)
 end
-local ms = string.match(id, '^(%d+)')
-local w = ARGV[2]
+local t = redis.call('TIME')
+local ms = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('SADD', KEYS[6], w)
 redis.call('HINCRBY', KEYS[5], w .. '|pushed', 1)
 redis.call('HSETNX', KEYS[5], w .. '|first_ms', ms)
 redis.call('HSET', KEYS[5], w .. '|last_ms', ms)
-return id
+return 1
 """
 
 RELEASE_LUA = """

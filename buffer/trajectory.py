@@ -114,35 +114,30 @@ class Trajectory(BaseModel):
 
 _ARRAYS = ("prompt_ids", "response_ids", "behaviour_logp", "versions")
 _SCALARS = tuple(n for n in Trajectory.model_fields if n not in _ARRAYS and n != "meta")
-_FAST_TYPES = {
-    "id": str, "group_id": str, "finish_reason": str, "worker_id": str,
-    "version_min": int, "version_max": int, "reward": (int, float), "t_start": (int, float), "t_end": (int, float),
-}
-_ARRAY_DTYPES = {"prompt_ids": "<i4", "response_ids": "<i4", "behaviour_logp": "<f4", "versions": "<i4"}
-_REQUIRED = {"group_id", "version_min", "version_max", "reward", *_ARRAYS}
+_ARRAY_DTYPES = {name: np.dtype("<f4" if name == "behaviour_logp" else "<i4") for name in _ARRAYS}
+_STR_FIELDS = ("id", "group_id", "finish_reason", "worker_id")
+_FLOAT_FIELDS = ("reward", "t_start", "t_end")
 _META_TYPES = (str, int, float, bool, type(None))
+_FIELDS = Trajectory.model_fields.keys()
 
 
 def _fast_fields(d: Any) -> dict[str, Any] | None:
-    """The wire dict's fields with arrays as numpy views, or None unless it has exactly the plain shape
-    `to_wire` writes (then the full pydantic validation runs and names the error)."""
-    if type(d) is not dict or not _REQUIRED <= d.keys() or not d.keys() <= Trajectory.model_fields.keys():
+    """The wire dict's fields with arrays as numpy views, or None unless it is exactly what `to_wire` writes
+    (every field, exact types); then the full pydantic validation runs instead and names any error."""
+    if type(d) is not dict or d.keys() != _FIELDS:
         return None
-    fields: dict[str, Any] = {}
-    for name, value in d.items():
-        if name in _ARRAY_DTYPES:
-            if type(value) is not bytes or len(value) % 4:
-                return None
-            fields[name] = np.frombuffer(value, dtype=_ARRAY_DTYPES[name])
-        elif name == "meta":
-            if type(value) is not dict or not all(type(k) is str and type(v) in _META_TYPES for k, v in value.items()):
-                return None
-            fields[name] = value
-        else:
-            want = _FAST_TYPES[name]
-            if isinstance(value, bool) or not isinstance(value, want):
-                return None
-            fields[name] = value if want is str or want is int else float(value)
+    if not all(type(d[k]) is str for k in _STR_FIELDS) or not all(type(d[k]) is float for k in _FLOAT_FIELDS):
+        return None
+    if type(d["version_min"]) is not int or type(d["version_max"]) is not int or type(d["meta"]) is not dict:
+        return None
+    if d["meta"] and not all(type(k) is str and type(v) in _META_TYPES for k, v in d["meta"].items()):
+        return None
+    fields = dict(d)
+    for name, dtype in _ARRAY_DTYPES.items():
+        value = d[name]
+        if type(value) is not bytes or len(value) % 4:
+            return None
+        fields[name] = np.frombuffer(value, dtype=dtype)
     return fields
 
 
@@ -175,8 +170,21 @@ def _fast_group(payload: dict[str, Any]) -> TrajectoryGroup | None:
             return None
         if (np.maximum.reduceat(versions, starts) != vmax[nonempty]).any():
             return None
-    trajectories = [Trajectory.model_construct(**f) for f in rows]
-    return TrajectoryGroup.model_construct(group_id=gid, slot=slot, trajectories=trajectories)
+    trajectories = [_trusted(Trajectory, f) for f in rows]
+    return _trusted(TrajectoryGroup, {"group_id": gid, "trajectories": trajectories, "slot": slot})
+
+
+def _trusted(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    """`cls.model_construct(**values)` for already-checked values: when every field is present this does only
+    model_construct's final assignments (its per-field alias/default loop is most of the decode time)."""
+    if values.keys() != cls.__pydantic_fields__.keys():
+        return cls.model_construct(**values)
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
 
 
 class TrajectoryGroup(BaseModel):
@@ -241,7 +249,7 @@ def decode_group(data: bytes) -> TrajectoryGroup:
         raise MalformedEntry("unknown_schema", f"schema version {schema!r}, this build reads {SCHEMA_VERSION}")
     try:
         fast = _fast_group(payload)
-    except (ValueError, TypeError, OverflowError):  # e.g. an int too large for a float: let pydantic say why
+    except (ValueError, TypeError, OverflowError):  # anything odd the fast path trips on: let pydantic say why
         fast = None
     if fast is not None:
         return fast
