@@ -44,6 +44,9 @@ PREFIX = "staleflow_"
 STALENESS_BUCKETS: tuple[int, ...] = (*range(0, 17), 24, 32, 48, 64, 128, 256)
 HIST_SUFFIX = "/hist"
 FILES = {"learner": "metrics.jsonl", "rollout": "rollout.jsonl", "eval": "eval.jsonl"}
+# Several callers log the same learner step (the learner's report, the weight publisher): they are merged into
+# one record, written when the next step arrives or when the step has been quiet this long.
+MERGE_WINDOW_S = 2.0
 
 Value = float | int | list | dict
 MetricsLogger = Callable[[int, Mapping[str, Value]], None]
@@ -146,6 +149,8 @@ class _Collector:
 class MetricsHub:
     """Receives every service's metrics; writes the run directory, TensorBoard, W&B and serves Prometheus."""
 
+    merge_window_s = MERGE_WINDOW_S
+
     def __init__(self, run_dir: Path | str, cfg: MetricsConfig | None = None) -> None:
         self.cfg = cfg or MetricsConfig()
         self.run_dir = Path(run_dir)
@@ -155,7 +160,12 @@ class MetricsHub:
             kind: open(self.run_dir / fname, "a", encoding="utf-8") for kind, fname in FILES.items()
         }
         self._latest_side: dict[str, Any] = {}  # latest buffer + eval values, merged into learner records
+        self._pending: dict[str, Any] | None = None  # the current learner step's record, still open to merges
+        self._pending_since = 0.0  # monotonic time of its last update
         self._closed = False
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_quiet_steps, name="metrics-flush", daemon=True)
+        self._flusher.start()
 
         self._collector = _Collector({"run": self.run_dir.name})
         self._registry = CollectorRegistry(auto_describe=False)
@@ -189,7 +199,13 @@ class MetricsHub:
             if self._closed:
                 raise RuntimeError("MetricsHub is closed")
             if kind == "learner":
-                self._write("learner", {"step": step, "time": now, **self._latest_side, **clean})
+                if self._pending is not None and self._pending["step"] != step:
+                    self._flush_pending()
+                if self._pending is None:  # buffer/eval values as they are when the step starts reporting
+                    self._pending = {"step": step, "time": now, **self._latest_side}
+                self._pending.update(clean)
+                self._pending["time"] = max(self._pending["time"], now)
+                self._pending_since = time.monotonic()
             elif kind == "rollout":
                 self._write("rollout", {"step": step, "time": now, "worker": worker, **clean})
             elif kind == "eval":
@@ -209,9 +225,11 @@ class MetricsHub:
         return str(self.run_dir)
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             if self._closed:
                 return
+            self._flush_pending()
             self._closed = True
             for f in self._files.values():
                 f.close()
@@ -223,6 +241,17 @@ class MetricsHub:
             self._server.server_close()
 
     # -- sinks -----------------------------------------------------------------------------------------------
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            self._write("learner", self._pending)
+            self._pending = None
+
+    def _flush_quiet_steps(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                if self._pending is not None and time.monotonic() - self._pending_since > self.merge_window_s:
+                    self._flush_pending()
 
     def _write(self, kind: str, record: dict[str, Any]) -> None:
         f = self._files[kind]

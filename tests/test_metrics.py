@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def test_learner_records_merge_latest_buffer_and_eval_values(hub: MetricsHub) ->
     hub.log("buffer", 8, {"buffer/depth": 5})
     hub.log("learner", 2, {"staleness/mean": 1.0})
     hub.log("rollout/w0", 11, {"rollout/version_lag": 2})
+    hub.log("learner", 2, {"weights/publish_s": 0.1})  # another caller, same step: the same record
+    hub.close()
 
     first, second = read_jsonl(hub.run_dir / "metrics.jsonl")
+    assert second["weights/publish_s"] == 0.1 and second["staleness/mean"] == 1.0
     assert (first["step"], second["step"]) == (1, 2)
     assert first["buffer/depth"] == 3 and "eval/accuracy" not in first
     assert first["staleness/hist"] == {"0": 3, "1": 1}
@@ -70,14 +74,24 @@ def test_learner_records_merge_latest_buffer_and_eval_values(hub: MetricsHub) ->
     assert rollout["worker"] == "w0" and rollout["step"] == 11 and rollout["rollout/version_lag"] == 2
 
 
+def test_a_step_is_written_once_it_is_quiet_without_waiting_for_the_next(hub: MetricsHub) -> None:
+    hub.log("learner", 1, {"loss/value": 0.5})
+    assert (hub.run_dir / "metrics.jsonl").read_text() == ""  # still open to merges from other callers
+    deadline = time.monotonic() + 30
+    while not (hub.run_dir / "metrics.jsonl").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [r["loss/value"] for r in read_jsonl(hub.run_dir / "metrics.jsonl")] == [0.5]
+
+
 def test_non_finite_values_become_null_and_numpy_scalars_numbers(hub: MetricsHub) -> None:
     np = pytest.importorskip("numpy")
     hub.log("learner", 1, {"loss/value": float("nan"), "ratio/max": float("inf"), "kl/k3": np.float32(0.5),
                            "advantage/zero_groups": np.int64(2)})
+    exported = scrape(hub)
+    hub.close()
     (rec,) = read_jsonl(hub.run_dir / "metrics.jsonl")
     assert rec["loss/value"] is None and rec["ratio/max"] is None
     assert rec["kl/k3"] == 0.5 and rec["advantage/zero_groups"] == 2
-    exported = scrape(hub)
     assert exported[("staleflow_kl_k3", ())] == 0.5
     assert ("staleflow_loss_value", ()) not in exported  # no NaN gauge: the last good value or nothing
 
@@ -111,6 +125,7 @@ def test_prometheus_endpoint_exports_every_series(hub: MetricsHub) -> None:
     for n in ROLLOUT_NAMES:
         for w in WORKERS:
             assert (prometheus_name(n), (("worker", w),)) in exported, (n, w)
+    hub.close()  # writes the last step's record
     last = read_jsonl(hub.run_dir / "metrics.jsonl")[-1]
     assert exported[("staleflow_staleness_mean", ())] == pytest.approx(last["staleness/mean"])
     assert exported[("staleflow_learner_step", ())] == 12
@@ -180,7 +195,11 @@ def test_wandb_offline_writes_a_local_run(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_hub_as_a_ray_actor_takes_metrics_from_a_logger(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module's Ray session is reused, never shut down here
+    if started:
+        repo = str(Path(__file__).resolve().parent.parent)
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": repo}})
     try:
         actor = ray.remote(MetricsHub).remote(str(tmp_path / "run"), NO_TB)
         learner = metrics_logger(actor, "learner")
@@ -193,7 +212,8 @@ def test_hub_as_a_ray_actor_takes_metrics_from_a_logger(tmp_path: Path) -> None:
         assert 'staleflow_rollout_version_lag{run="run",worker="w3"} 2.0' in text
         ray.get(actor.close.remote())
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["staleness/mean"] for r in records] == [0.5, 1.0, 1.5]
     assert not math.isnan(records[0]["time"])

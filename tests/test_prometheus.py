@@ -192,7 +192,11 @@ def test_real_prometheus_scrapes_the_hub(tmp_path: Path) -> None:
         assert first[0]["metric"]["run"] == "scraped-run" and first[0]["metric"]["job"] == "staleflow"
         # A second stretch of the run, so counters grow between scrapes (Grafana's increase() needs two).
         feed_run(hub, steps=10, seed=2)
-        lines = [json.loads(line) for line in (hub.run_dir / "metrics.jsonl").read_text().splitlines()]
+        deadline = time.monotonic() + 30  # the last step's record is written once the step is quiet
+        while len(lines := (hub.run_dir / "metrics.jsonl").read_text().splitlines()) < 20:
+            assert time.monotonic() < deadline, f"{len(lines)} learner records, expected 20"
+            time.sleep(0.2)
+        lines = [json.loads(line) for line in lines]
         total = sum(n for r in lines for n in r["staleness/hist"].values())
         prom.wait_for("staleflow_staleness_hist_count", lambda r: r and value(r) == total)
         last = lines[-1]
