@@ -14,9 +14,10 @@ Run directory (read back by the dashboard and `staleflow plot`):
 
 Prometheus: "staleflow_" + name with every non [a-zA-Z0-9_] character as "_" (staleness/mean ->
 staleflow_staleness_mean); every series carries `run` (the run dir's name), rollout series also `worker`;
-staleness/hist ({staleness: count} per step) accumulates into the histogram staleflow_staleness_hist (buckets le=0,1,2,...), which Grafana draws as a
-heatmap. Lines are flushed as they are written so a live dashboard sees them at once; NaN/inf become null
-(JSON has no NaN).
+staleness/hist ({staleness: count} per step) accumulates into the histogram staleflow_staleness_hist
+(buckets le=0,1,2,...), which Grafana draws as a heatmap. Lines are flushed as they are written so a live
+dashboard sees them at once (a learner step's record once the step is complete); NaN/inf become null (JSON
+has no NaN).
 """
 
 from __future__ import annotations
