@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from buffer.stats import BufferStats
 from services.config import MetricsConfig
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,9 @@ class MetricsHub:
             raise TypeError(
                 f"metrics from {source}: values must be numbers, lists or dicts of numbers ({e})"
             ) from e
+        for name, value in clean.items():
+            if name.endswith(HIST_SUFFIX) and isinstance(value, list):  # [n0, n1, ...]: counts by index
+                clean[name] = {str(i): n for i, n in enumerate(value) if n}
         scalars, hists = _flatten(clean)
         with self._lock:
             if self._closed:
@@ -332,6 +336,20 @@ def _np_histogram(counts: dict[float, float]) -> tuple[list[float], list[float]]
     """One bin per integer staleness: edges k-0.5 .. k+0.5."""
     lo, hi = int(min(counts)), int(max(counts))
     return [counts.get(float(k), 0.0) for k in range(lo, hi + 1)], [k - 0.5 for k in range(lo, hi + 2)]
+
+
+def buffer_metrics(stats: BufferStats) -> dict[str, float]:
+    """The buffer's snapshot (StalenessBuffer.stats()) as the "buffer" source's metrics."""
+    out = {
+        "buffer/depth": stats.depth, "buffer/pending": stats.pending, "buffer/capacity": stats.capacity,
+        "buffer/consumed": stats.consumed, "buffer/admitted": stats.admitted,
+        "buffer/outstanding": stats.outstanding, "buffer/dead_letters": stats.dead_letter_depth,
+        "buffer/learner_version": stats.learner_version,
+    }
+    if stats.oldest_age_s is not None:
+        out["buffer/oldest_age_s"] = stats.oldest_age_s
+    out.update({f"buffer/drops/{reason}": n for reason, n in stats.drops.items()})
+    return {k: float(v) for k, v in out.items()}
 
 
 def metrics_logger(hub: Any, source: str) -> MetricsLogger:

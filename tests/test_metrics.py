@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.config import MetricsConfig
-from services.metrics import STALENESS_BUCKETS, MetricsHub, metrics_logger, prometheus_name
+from services.metrics import STALENESS_BUCKETS, MetricsHub, buffer_metrics, metrics_logger, prometheus_name
 from tests.metrics_synth import BUFFER_NAMES, LEARNER_NAMES, ROLLOUT_NAMES, WORKERS, feed_run
 
 NO_TB = MetricsConfig(tensorboard=False)
@@ -217,3 +217,20 @@ def test_hub_as_a_ray_actor_takes_metrics_from_a_logger(tmp_path: Path) -> None:
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["staleness/mean"] for r in records] == [0.5, 1.0, 1.5]
     assert not math.isnan(records[0]["time"])
+
+
+def test_list_histograms_and_real_buffer_stats_reach_every_sink(hub: MetricsHub, buffer_factory) -> None:
+    buf = buffer_factory()
+    stats = buf.stats()
+    values = buffer_metrics(stats)
+    assert values["buffer/depth"] == stats.depth and values["buffer/dead_letters"] == stats.dead_letter_depth
+    assert {k for k in values if k.startswith("buffer/drops/")} == {f"buffer/drops/{r}" for r in stats.drops}
+    hub.log("buffer", 1, values)
+    hub.log("learner", 1, {"staleness/hist": [3, 0, 2]})  # the learner's form: counts by staleness index
+    exported = scrape(hub)
+    hub.close()
+    (rec,) = read_jsonl(hub.run_dir / "metrics.jsonl")
+    assert rec["staleness/hist"] == {"0": 3, "2": 2} and rec["buffer/depth"] == stats.depth
+    assert exported[("staleflow_staleness_hist_bucket", (("le", "1.0"),))] == 3
+    assert exported[("staleflow_staleness_hist_count", ())] == 5
+    assert exported[("staleflow_buffer_depth", ())] == stats.depth
