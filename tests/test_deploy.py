@@ -20,6 +20,7 @@ import urllib.request
 import tomllib
 from pathlib import Path
 
+import dockerfile
 import pytest
 import redis
 import yaml
@@ -312,20 +313,30 @@ def test_ray_nodes_share_runs_and_cache_and_have_a_large_shm(resolved):
 # -------------------------------------------------------------------------------------------------- Dockerfile
 
 
-def test_dockerfile_pins_the_vllm_of_the_gpu_extra_and_runs_as_non_root():
-    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+def test_dockerfile_pins_the_vllm_of_the_gpu_extra_runs_as_non_root_and_parses():
+    # Parsed by BuildKit's own parser (PyPI `dockerfile` wraps the official Go parser).
+    instructions = dockerfile.parse_file(str(ROOT / "deploy" / "Dockerfile"))
+    by_cmd: dict[str, list] = {}
+    for ins in instructions:
+        by_cmd.setdefault(ins.cmd, []).append(ins)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    vllm_pin = next(d for d in extras["gpu"] if d.startswith("vllm=="))
-    version = vllm_pin.split("==")[1]
-    assert re.search(rf"^ARG VLLM_IMAGE=vllm/vllm-openai:v{re.escape(version)}$", dockerfile, re.M)
-    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
-    assert users and users[-1] not in {"root", "0"}
-    assert re.search(r"^HEALTHCHECK ", dockerfile, re.M)
-    instructions = re.sub(r"\\\n(\s*#.*\n)*", " ", dockerfile).splitlines()  # join continued lines
-    for instr in instructions:
-        if re.match(r"\s*(ENV|ARG)\b", instr):
-            assert not SECRET_NAME.search(instr), f"no secrets in the image: {instr}"
-    assert any(i.startswith("ENV ") and "DS_BUILD_OPS=0" in i for i in instructions)  # the join worked
+    version = next(d for d in extras["gpu"] if d.startswith("vllm==")).split("==")[1]
+    assert by_cmd["ARG"][0].value == (f"VLLM_IMAGE=vllm/vllm-openai:v{version}",)
+    assert by_cmd["FROM"][0].value == ("${VLLM_IMAGE}",)
+    assert by_cmd["USER"][-1].value[0] not in {"root", "0"}
+    assert by_cmd["HEALTHCHECK"] and by_cmd["ENTRYPOINT"][-1].value == ()  # not the vLLM server's entrypoint
+    env = dict(zip(*[iter(v for ins in by_cmd["ENV"] for v in ins.value)] * 2))
+    assert env["DS_BUILD_OPS"] == "0"
+    for name in [*env, *(a.value[0].split("=")[0] for a in by_cmd["ARG"])]:
+        assert not SECRET_NAME.search(name), f"no secrets in the image: {name}"
+    for ins in by_cmd["COPY"]:
+        for src in ins.value[:-1]:
+            assert (ROOT / src).exists(), src
+    for ins in by_cmd["RUN"]:  # every shell-form RUN is valid bash
+        check = subprocess.run(["bash", "-n", "-c", ins.value[0]], capture_output=True, text=True)
+        assert check.returncode == 0, f"{ins.original}: {check.stderr}"
+    ignored = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
+    assert {".git", ".venv", ".env", "runs", "models", "data"} <= set(ignored)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
