@@ -50,6 +50,8 @@ def start_ray(cfg: Config, stack: ExitStack) -> bool:
     if address:
         ray.init(address=address, **common)
         return False
+    # Bind and advertise loopback only (despite its name this switch works on Linux; see stack notes).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=False,

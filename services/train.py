@@ -11,6 +11,7 @@ final weights, saves them to runs/<name>/final, and stops every process it start
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -160,21 +161,35 @@ class Run:
         return version
 
     def stop(self, final_eval: bool) -> dict[str, Any]:
-        """Stop workers, checkpoint, evaluate and save the final policy. Each step bounded in time."""
+        """Stop workers, checkpoint, evaluate and save the final policy. Each step is bounded in time and a
+        failing step is reported without skipping the ones after it (the processes are stopped regardless)."""
         summary: dict[str, Any] = {}
+
+        def attempt(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as exc:  # reported, and the shutdown goes on: nothing may stay running
+                summary.setdefault("errors", []).append(f"{what}: {type(exc).__name__}: {exc}")
+                console.print(f"[red]{what} failed:[/] {type(exc).__name__}: {str(exc)[:300]}")
+
         for w in self.workers:
             w.stop.remote()
-        ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
-        summary["version"] = ray.get(self.learner.checkpoint.remote(), timeout=300)
-        if self._eval_ref is not None:
-            self.poll_eval(summary["version"], force=True)
+        if self.runs:
+            ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
+        attempt("checkpoint", lambda: summary.update(version=ray.get(self.learner.checkpoint.remote(), timeout=300)))
         if final_eval:
-            summary["final"] = str(ray.get(self.learner.save_final.remote(str(self.run_dir / "final")), timeout=300))
-            result = ray.get(self.workers[0].evaluate.remote(load_latest=True), timeout=300)
-            summary["final_eval"] = result
-            (self.run_dir / "eval.json").write_text(__import__("json").dumps(result, indent=2))
-        ray.get(self.hub.close.remote(), timeout=30)
+            attempt("saving the final policy", lambda: summary.update(
+                final=ray.get(self.learner.save_final.remote(str(self.run_dir / "final")), timeout=300)))
+            attempt("final eval", lambda: self._final_eval(summary))
+        attempt("closing the metrics", lambda: ray.get(self.hub.close.remote(), timeout=30))
         return summary
+
+    def _final_eval(self, summary: dict[str, Any]) -> None:
+        if self._eval_ref is not None:  # an eval in flight: let it land in the curve first
+            self.poll_eval(-1, force=True)
+        result = ray.get(self.workers[0].evaluate.remote(load_latest=True), timeout=300)
+        summary["final_eval"] = result
+        (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
 
 
 def run_train(cfg: Config, resume: Path | None = None) -> int:
@@ -201,16 +216,16 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
             stack.callback(stop_dash)
             console.print(f"dashboard: [bold]{dash_url}[/]")
         interrupted = False
-        version = run.start()
-        with TrainDisplay(cfg.learner.total_steps, start_step=version, quiet=QUIET) as display:
-            try:
-                version = run.train(display, version, cfg.learner.total_steps)
-            except KeyboardInterrupt:
-                interrupted = True
-                console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
+        try:
+            version = run.start()
+            with TrainDisplay(cfg.learner.total_steps, start_step=version, quiet=QUIET) as display:
+                run.train(display, version, cfg.learner.total_steps)
+        except KeyboardInterrupt:
+            interrupted = True
+            console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
         summary = run.stop(final_eval=not interrupted)
     _print_summary(run_dir, summary, time.time() - t0, run.evals, interrupted)
-    return 130 if interrupted else 0
+    return 130 if interrupted else (1 if summary.get("errors") else 0)
 
 
 def _kill_actors(run: Run) -> None:

@@ -1,0 +1,136 @@
+"""`staleflow train` end to end through the real services (embedded redis-server, a local Ray, a vLLM CPU
+rollout worker, a DeepSpeed learner, the weight registry, the metrics hub), then `ray job submit` against a
+real `ray start --head`. Each run is a few updates; each test checks what a user would look at afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# A short run: few updates, small batches, every side exercised (publish, eval, checkpoint, final eval).
+SHORT = [
+    "configs/tiny-cpu.yaml",
+    "learner.total_steps=4",
+    "learner.checkpoint_every=2",
+    "learner.eval_every=2",
+    "buffer.batch_groups=4",
+    "rollout.groups_per_batch=4",
+    "rollout.n=4",
+    "task.eval_size=32",
+    "metrics.dashboard=false",
+]
+
+
+def service_pids() -> set[int]:
+    names = ("redis-server", "raylet", "gcs_server")
+    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(names)}
+
+
+def staleflow(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "STALEFLOW_QUIET": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_run_dir(run_dir: Path, updates: int) -> None:
+    assert (run_dir / "config.yaml").is_file()
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    versions = [r["policy/version"] for r in records]
+    assert versions == list(range(1, updates + 1))
+    for r in records:  # the names the dashboard and Grafana read
+        for name in ("staleness/mean", "staleness/max", "loss/value", "loss/masked_fraction", "m2po/m2_before",
+                     "reward/mean", "throughput/train_tokens_per_s", "time/step_s"):
+            assert name in r, name
+        assert 0 <= r["staleness/mean"] <= r["staleness/max"] <= 2  # bounded, max_staleness=2
+    assert read_jsonl(run_dir / "rollout.jsonl"), "the worker reported no batch"
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    assert sorted({r["version"] for r in ledger}) == list(range(1, updates + 1))
+    used = [e for r in ledger for e in r["entry_ids"]]
+    assert len(used) == len(set(used)), "an entry was trained on twice"
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert 0.0 <= evals["accuracy"] <= 1.0 and evals["version"] == updates
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+
+
+def test_train_end_to_end(tmp_path):
+    before = service_pids()
+    out = staleflow(["train", *SHORT, f"runs_dir={tmp_path}", "name=e2e"])
+    assert out.returncode == 0, out.stderr[-4000:]
+    run_dir = tmp_path / "e2e"
+    check_run_dir(run_dir, updates=4)
+    assert "password" not in (run_dir / "config.yaml").read_text().lower().replace("password_env", "")
+    # Every process it started is gone; none that it did not start was touched.
+    time.sleep(1)
+    assert service_pids() == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(tmp_path):
+    """`ray job submit -- staleflow train` against a real head: the launcher joins that cluster."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs_port, dash_port = free_port(), free_port()
+    while 10002 <= gcs_port <= 19999:  # Ray's worker port range
+        gcs_port = free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # token auth is on by default; this test cluster is loopback-only
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind and advertise 127.0.0.1 only
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{ray_bin.parent}:{os.environ['PATH']}",
+    }
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash_port}"
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            ok = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                capture_output=True, timeout=60).returncode == 0
+            if ok:
+                break
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        runs = tmp_path / "runs"
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "-m", "services.cli", "train", *SHORT, "learner.total_steps=2",
+             f"runs_dir={runs}", "name=job", f"model.tiny_dir={REPO / '.cache/staleflow/tiny-model'}"],
+            env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True, timeout=600,
+        )
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "SUCCEEDED" in job.stdout + job.stderr
+        check_run_dir(runs / "job", updates=2)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
