@@ -386,10 +386,12 @@ def test_runtime_env_is_valid_and_keeps_the_upload_under_rays_limit():
     assert sum(sizes) < RAY_WORKING_DIR_LIMIT
 
 
-def entrypoint_config(entrypoint: str):
+def entrypoint_config(entrypoint: str, image_workdir: str = "/opt/staleflow/"):
+    """The config a job's `staleflow train ...` entrypoint resolves to (image paths mapped to this checkout)."""
     words = shlex.split(entrypoint)
     args = words[words.index("train") + 1:]
-    return load_config([ROOT / a for a in args if "=" not in a], [a for a in args if "=" in a])
+    files = [ROOT / a.removeprefix(image_workdir) for a in args if "=" not in a]
+    return load_config(files, [a for a in args if "=" in a])
 
 
 def test_kuberay_rayjob_runs_a_valid_config_on_enough_gpus():
