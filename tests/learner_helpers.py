@@ -161,24 +161,49 @@ def run_invariance(model_dir: str, out: str, budgets: list[int], world: int) -> 
 
 
 def run_learn(config_path: str) -> None:
-    """The learner loop against a real Redis buffer, as a standalone process (killed and resumed by a test)."""
+    """The learner loop against a real Redis buffer, as a standalone process (killed and resumed by a test).
+
+    Crash points for the test (it SIGKILLs this process once the marker file appears):
+    pause_after_version: stop after that update's ledger line (its checkpoint, if any, not written yet);
+    hang_in_ack_version: stop after that version's checkpoint is durable, before its entries are acked.
+    """
+    import time
+
     from buffer.config import BufferConfig
     from buffer.redis_buffer import StalenessBuffer
     from buffer.server import connect
     from learner.loop import run_learner
 
     spec = json.loads(Path(config_path).read_text())
+    run_dir = Path(spec["run_dir"])
     client = connect(spec["redis_url"], os.environ["TEST_REDIS_PASSWORD"])
     buffer = StalenessBuffer(client, BufferConfig(**spec["buffer"]))
     cfg = learner_config(spec["budget"], checkpoint_every=spec["checkpoint_every"], keep_checkpoints=2)
-    published: list[int] = []
+
+    def stop_here(name: str) -> None:
+        (run_dir / name).write_text("")
+        time.sleep(600)
+
+    real_ack = buffer.ack
+
+    def ack(ids: list[str]) -> int:
+        if ids and buffer.version() == spec.get("hang_in_ack_version"):
+            stop_here("hung-in-ack")
+        return real_ack(ids)
+
+    buffer.ack = ack
 
     def report(stats: dict, step: int) -> None:
-        print(json.dumps({"step": step, "loss": stats["loss/value"], "published": published[-1:]}), flush=True)
+        if step == spec.get("pause_after_version"):
+            stop_here("paused")
+
+    def publish(version: int, named) -> dict:
+        assert sum(1 for _ in named) > 0
+        return {}
 
     run_learner(
-        cfg, spec["model_dir"], buffer, lambda v, named: published.append(v) or {}, report, spec["total_steps"],
-        run_dir=spec["run_dir"], batch_groups=spec["batch_groups"], pull_block_ms=200, starve_timeout_s=30,
+        cfg, spec["model_dir"], buffer, publish, report, spec["total_steps"], run_dir=run_dir,
+        batch_groups=spec["batch_groups"], publish_every=1, pull_block_ms=200, starve_timeout_s=60,
     )  # fmt: skip
 
 

@@ -1,0 +1,216 @@
+"""The learner loop: pull groups from the staleness buffer, step, publish weights, checkpoint, then ack.
+
+Exactly-once rule: after a crash and a restart from the last checkpoint, every trajectory used by an update the
+checkpoint does not contain is trained on again, and none it contains is trained twice. How:
+  1. entries are acked only after the checkpoint holding their update is durable (learner/checkpoint.py);
+  2. the checkpoint records the ids it covers that are not acked yet; on resume they are acked first;
+  3. unacked entries stay pending for this consumer name, and the buffer re-delivers them first, in order.
+The ledger (`<run_dir>/ledger.jsonl`, one JSON line per update, written before the checkpoint that covers it)
+is the audit trail: a redone version appends a new line, and the last line of a version is the one in force.
+
+`Learner` holds no global state, so services can wrap it in a Ray actor (setup / train / state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.checkpoint import CheckpointManager
+from learner.config import LearnerConfig
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[int, Iterable[tuple[str, torch.Tensor]]], Any]
+Report = Callable[[dict[str, Any], int], None]
+
+
+class LearnerStarved(TimeoutError):
+    """The buffer delivered no group for `starve_timeout_s`: no rollout worker is producing."""
+
+
+class Ledger:
+    """Append-only JSON lines {version, entry_ids, trajectory_ids, ...}; the last line of a version wins."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write: its update is redone anyway
+                log.warning("ledger %s: skipping a torn line", self.path)
+        return out
+
+    def history(self, up_to: int | None = None) -> dict[int, dict[str, Any]]:
+        """version -> the record in force (last written), optionally only versions <= up_to."""
+        hist = {}
+        for rec in self.records():
+            if up_to is None or rec["version"] <= up_to:
+                hist[rec["version"]] = rec
+        return dict(sorted(hist.items()))
+
+
+class Learner:
+    """One data-parallel learner rank over a StalenessBuffer (single process: rank 0 pulls and acks)."""
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_dir: str | Path,
+        buffer,  # buffer.redis_buffer.StalenessBuffer (duck-typed: pull / ack / set_version / stats)
+        run_dir: str | Path,
+        *,
+        batch_groups: int = 8,
+        publish: Publish | None = None,
+        publish_every: int = 1,
+        report: Report | None = None,
+        consumer: str = "learner-0",
+        pull_block_ms: int = 1000,
+        starve_timeout_s: float | None = None,
+        temperature: float = 1.0,
+    ):
+        self.cfg = cfg
+        self.model_dir = Path(model_dir)
+        self.buffer = buffer
+        self.run_dir = Path(run_dir)
+        self.batch_groups = batch_groups
+        self.publish = publish
+        self.publish_every = publish_every
+        self.report = report
+        self.consumer = consumer
+        self.pull_block_ms = pull_block_ms
+        self.starve_timeout_s = starve_timeout_s
+        self.temperature = temperature
+        self.trainer = None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        self.ledger = Ledger(self.run_dir / "ledger.jsonl")
+        self._unacked: list[str] = []  # entries used by updates not covered by a checkpoint yet
+        self.resumed_from: int | None = None
+        self.last_checkpoint: int | None = None
+        self.last_stats: dict[str, Any] = {}
+
+    def setup(self) -> int:
+        """Build the engine, resume from the newest checkpoint if any. Returns the policy version."""
+        from learner.trainer import Trainer  # deepspeed/transformers imports: only in the process that trains
+
+        self.trainer = Trainer(self.cfg, self.model_dir, temperature=self.temperature)
+        state = self.checkpoints.load(self.trainer)
+        if state is not None:
+            # The process may have died between writing this checkpoint and acking what it covers.
+            self.buffer.ack(state.unacked_ids)
+            self.resumed_from = self.last_checkpoint = state.version
+            log.info("resumed from checkpoint v%d (%d entries acked)", state.version, len(state.unacked_ids))
+        self.buffer.set_version(self.trainer.version)
+        return self.trainer.version
+
+    @property
+    def version(self) -> int:
+        return self.trainer.version if self.trainer is not None else 0
+
+    def _pull_batch(self) -> list:
+        entries: list = []
+        waited_since = time.monotonic()
+        while len(entries) < self.batch_groups:
+            got = self.buffer.pull(self.batch_groups - len(entries), consumer=self.consumer, block_ms=self.pull_block_ms)
+            entries += got
+            if got:
+                waited_since = time.monotonic()
+            elif self.starve_timeout_s is not None and time.monotonic() - waited_since > self.starve_timeout_s:
+                raise LearnerStarved(
+                    f"no group arrived for {self.starve_timeout_s:g}s ({len(entries)}/{self.batch_groups} "
+                    "of this update's groups so far): are the rollout workers running?"
+                )
+        return entries
+
+    def train(self, n_steps: int) -> dict[str, Any]:
+        """Make `n_steps` updates. Returns the last update's metrics."""
+        if self.trainer is None:
+            raise RuntimeError("call setup() first")
+        for _ in range(n_steps):
+            entries = self._pull_batch()
+            stats = self.trainer.step([e.group for e in entries])
+            version = self.trainer.version
+            self.buffer.set_version(version)
+            ids = [e.id for e in entries]
+            self._unacked += ids
+            self.ledger.append(
+                {
+                    "version": version,
+                    "entry_ids": ids,
+                    "trajectory_ids": [t.id for e in entries for t in e.group.trajectories],
+                    "loss": stats["loss/value"],
+                    "resumed_from": self.resumed_from,
+                }
+            )
+            if self.publish is not None and version % self.publish_every == 0:
+                t0 = time.perf_counter()
+                self.publish(version, self.trainer.named_tensors())
+                stats["weights/publish_s"] = time.perf_counter() - t0
+            if version % self.cfg.checkpoint_every == 0:
+                stats["time/checkpoint_s"] = self.checkpoint()
+            self.last_stats = stats
+            if self.report is not None:
+                self.report(stats, version)
+        return self.last_stats
+
+    def checkpoint(self) -> float:
+        """Write a checkpoint of the current version, then ack what it covers. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.checkpoints.save(self.trainer, self._unacked)
+        self.last_checkpoint = self.trainer.version
+        self.buffer.ack(self._unacked)
+        self._unacked = []
+        return time.perf_counter() - t0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "resumed_from": self.resumed_from,
+            "last_checkpoint": self.last_checkpoint,
+            "unacked_entries": len(self._unacked),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def run_learner(
+    cfg: LearnerConfig,
+    model_dir: str | Path,
+    buffer,
+    publish: Publish | None,
+    report: Report | None,
+    total_steps: int,
+    *,
+    run_dir: str | Path,
+    batch_groups: int = 8,
+    publish_every: int = 1,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train until policy version `total_steps` (resuming if `run_dir` has a checkpoint), checkpoint, ack."""
+    learner = Learner(
+        cfg, model_dir, buffer, run_dir, batch_groups=batch_groups, publish=publish,
+        publish_every=publish_every, report=report, **kwargs,
+    )  # fmt: skip
+    learner.setup()
+    learner.train(max(0, total_steps - learner.version))
+    if learner.last_checkpoint != learner.version:
+        learner.checkpoint()
+    return learner.state()
