@@ -30,7 +30,7 @@ def trajectories(draw, group_id: str):
     versions = draw(st.lists(st.integers(base, base + 3), min_size=t, max_size=t))
     return Trajectory.make(
         group_id=group_id,
-        prompt_ids=np.array(draw(st.lists(st.integers(0, 2**31 - 1), max_size=20)), dtype=np.int32),
+        prompt_ids=np.array(draw(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=20)), dtype=np.int32),
         response_ids=np.array(draw(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=t, max_size=t)), dtype=np.int32),
         behaviour_logp=np.array(draw(st.lists(finite_f32, min_size=t, max_size=t)), dtype=np.float32),
         versions=versions if t else None,
