@@ -301,6 +301,8 @@ def test_the_learner_runs_a_valid_config_against_the_compose_services(resolved):
 
 
 def test_ray_nodes_share_runs_and_cache_and_have_a_large_shm(resolved):
+    for name in ("ray-head", "learner", "rollout", "dashboard"):
+        assert resolved["services"][name]["init"] is True, f"{name}: PID 1 must reap Ray's daemons"
     for name in ("ray-head", "learner", "rollout"):
         svc = resolved["services"][name]
         targets = {v["target"]: v for v in svc["volumes"]}
