@@ -38,7 +38,7 @@ def make_group(i: int, rng: np.random.Generator) -> TrajectoryGroup:
         trajectories=[
             Trajectory.make(
                 group_id=gid, prompt_ids=prompt, response_ids=rng.integers(0, 150_000, 1024),
-                behaviour_logp=-rng.random(1024, dtype=np.float32) * 3, version=7, reward=float(rng.random()),
+                behaviour_logp=-rng.random(1024, dtype=np.float32) * 3, version=0, reward=float(rng.random()),
                 worker_id="bench",
             )
             for _ in range(8)
