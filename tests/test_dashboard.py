@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -110,6 +113,25 @@ def test_requests_outside_the_runs_are_refused(dashboard: str) -> None:
     assert status_of(f"{dashboard}static/..%2F..%2Fmetrics.py") == 404
     assert status_of(f"{dashboard}static/uPlot.iife.min.js") == 200
     assert status_of(f"{dashboard}nowhere") == 404
+
+
+def test_staleflow_dashboard_command_serves_until_stopped(runs_root: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "services.cli", "dashboard", str(runs_root), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in banner, banner
+        assert sorted(r["id"] for r in get(f"http://127.0.0.1:{port}/api/runs")["runs"]) == sorted(RUNS)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def chromium(binary: str, profile: Path, url: str, *args: str) -> subprocess.CompletedProcess:
