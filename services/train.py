@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from services.actors import LearnerActor, RolloutActor
@@ -40,13 +41,15 @@ def open_run_dir(cfg: Config, resume: Path | None) -> tuple[Config, Path]:
     if resume is not None:
         if not (resume / "config.yaml").is_file():
             raise SystemExit(f"--resume {resume}: not a run directory (no config.yaml)")
-        return cfg, resume
+        return cfg, resume.resolve()
     name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.learner.loss}"
-    run_dir = Path(cfg.runs_dir) / name
+    # Absolute: actors on other nodes of a cluster must write to the same (shared) folder, not their job dir.
+    runs = Path(cfg.runs_dir).resolve()
+    run_dir = runs / name
     suffix = 1
     while run_dir.exists():
         suffix += 1
-        run_dir = Path(cfg.runs_dir) / f"{name}-{suffix}"
+        run_dir = runs / f"{name}-{suffix}"
     run_dir.mkdir(parents=True)
     cfg = cfg.model_copy(update={"name": run_dir.name})
     (run_dir / "config.yaml").write_text(dump_config(cfg))  # no secrets: passwords live in the environment
@@ -84,7 +87,14 @@ class Run:
     def __init__(self, cfg: Config, run_dir: Path, redis: RedisEndpoint, model_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
         self.registry = start_registry(cfg.weights.keep_versions, namespace=cfg.cluster.namespace)
-        self.hub = ray.remote(MetricsHub).options(num_cpus=0, max_concurrency=4).remote(str(run_dir), cfg.metrics)
+        # The hub serves Prometheus where the driver runs (compose scrapes learner:9400; a user's browser and
+        # `staleflow dashboard` read the run directory there too).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.hub = (
+            ray.remote(MetricsHub)
+            .options(num_cpus=0, max_concurrency=4, scheduling_strategy=here)
+            .remote(str(run_dir), cfg.metrics)
+        )
         gpu = cfg.learner.gpus > 0
         self.learner = (
             ray.remote(LearnerActor)
