@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,10 +23,43 @@ class BufferConfig(BaseModel):
     capacity_groups: int = Field(256, ge=1, description="Most groups the stream may hold; producers wait beyond.")
     dead_letter_maxlen: int = Field(10_000, ge=1)
     aof: bool = Field(True, description="Embedded Redis: append-only file on (runs) or off (tests).")
+    appendfsync: Literal["always", "everysec", "no"] = Field(
+        "everysec",
+        description="Embedded Redis AOF fsync policy. always: an acknowledged push survives a crash of Redis or "
+        "the machine (one fsync per write); everysec: a machine crash may lose the last ~1 s of pushes (a crash "
+        "of redis-server alone loses nothing: the OS still holds the written AOF); no: the OS decides.",
+    )
+    reconnect_s: float = Field(
+        30.0, gt=0, description="After a lost connection, clients retry with exponential backoff this long."
+    )
+    dedupe_window_s: int = Field(
+        600, ge=1, description="A group_id pushed again within this window is not added twice (a retried push)."
+    )
     push_timeout_s: float = Field(60.0, gt=0, description="A push waits this long for room, then BufferFull.")
     claim_idle_s: float = Field(
         60.0, gt=0, description="Unacked entries idle this long in another consumer are claimed (XAUTOCLAIM)."
     )
+    max_deliveries: int = Field(
+        5, ge=1, description="An entry delivered this often and never acked (it keeps killing the learner?) is dead-lettered."
+    )
+
+    @model_validator(mode="after")
+    def _no_password_in_the_url(self) -> BufferConfig:
+        # The config is printed and saved with the run: a password in it would leak. (Checked on the whole
+        # section, not the field, so that the error does not echo the URL.)
+        if self.redis_url and urlsplit(self.redis_url).password:
+            raise ValueError(
+                f"buffer.redis_url must not hold a password: put it in the environment variable {self.password_env} "
+                "(buffer.password_env)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_retries(self) -> BufferConfig:
+        # a push retried after a lost reply arrives at most reconnect_s later: it must still find its marker
+        if self.dedupe_window_s < self.reconnect_s:
+            raise ValueError(f"dedupe_window_s={self.dedupe_window_s} must be >= reconnect_s={self.reconnect_s:g}")
+        return self
 
     @model_validator(mode="after")
     def _room_for_the_window(self) -> BufferConfig:

@@ -23,26 +23,37 @@ Keys (P = cfg.prefix; one run = one prefix; `reset()` deletes them all):
     P:slots         hash (fixed): slot -> groups granted for it and not released or dropped.
     P:grants:<w>    hash: slot (or "-") -> groups granted to worker w and not pushed yet.
     P:workers       set of worker ids seen.   P:producers  hash: <w>|pushed, <w>|first_ms, <w>|last_ms.
-    P:counts        hash: admitted, consumed, stale:<k>, drop:<reason>, dead:<reason>.
+    P:counts        hash: admitted, consumed, stale:<k>, drop:<reason>, dead:<reason>, ahead_of_learner.
+    P:admits        hash: worker -> its last admission (nonce and answer), so that a retried admit grants once.
+    P:seen:<gid>    the entry id that owns group_id gid (EX dedupe_window_s): set when the learner takes it.
 
-Delivery: an entry is acknowledged only by `ack()`, so a learner that dies loses nothing. A restarted learner
-with the same consumer name re-reads its own pending list (id 0) on its first pull; entries pending in another
+Delivery: an entry is acknowledged only by `ack()`, so a learner that dies loses nothing. A learner re-reads
+the entries pending in its consumer name that it does not hold (a restarted learner's, or those of an XREADGROUP
+whose reply was lost) on its next pull; entries pending in another
 consumer for longer than `claim_idle_s` are taken over with XAUTOCLAIM. Entries this learner holds (fixed:
 fresher than the current update wants) or has delivered and not acked yet are re-claimed by it regularly so
 that no other consumer takes them while it is alive. The rules themselves are in buffer/staleness.py.
+
+Retries (docs/reliability.md): clients from buffer.server.connect() re-send a command whose connection broke,
+so any call may run twice. admit carries a nonce (a retry gets the first answer); ack and the drop/dead-letter
+path are scripts that count only what they themselves acknowledged; a push that ran twice leaves two entries
+of one group_id, and the learner trains on the first one to claim P:seen:<gid> and drops the other as
+"duplicate" (which gives its admission place back). So: each group_id is trained on at most once within
+dedupe_window_s, and every push that returned an id is trained on or counted as a drop / dead letter.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
 import redis
 
 from buffer.config import BufferConfig
-from buffer.staleness import ADMIT_LUA, PUSH_LUA, RELEASE_LUA, Verdict, decide, staleness
+from buffer.staleness import ACK_LUA, ADMIT_LUA, DISCARD_LUA, PUSH_LUA, RELEASE_LUA, Verdict, decide, staleness
 from buffer.stats import BufferStats, ProducerStats
 from buffer.trajectory import MalformedEntry, TrajectoryGroup, decode_group, encode_group
 
@@ -91,12 +102,13 @@ class StalenessBuffer:
         p = cfg.prefix
         self.k_stream, self.k_dead, self.k_state = f"{p}:stream", f"{p}:dead", f"{p}:state"
         self.k_slots, self.k_workers, self.k_producers = f"{p}:slots", f"{p}:workers", f"{p}:producers"
-        self.k_counts = f"{p}:counts"
+        self.k_counts, self.k_admits = f"{p}:counts", f"{p}:admits"
         self._admit = client.register_script(ADMIT_LUA)
+        self._ack = client.register_script(ACK_LUA)
+        self._discard_entry = client.register_script(DISCARD_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._pool: dict[str, _Pooled] = {}
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
-        self._own_pending_read: set[str] = set()
         self._last_claim = 0.0
         self._ensure_group()
 
@@ -118,11 +130,12 @@ class StalenessBuffer:
         if n_groups < 1:
             raise ValueError("n_groups must be >= 1")
         c = self.cfg
-        keys = [self.k_state, self._grants(worker_id), self.k_slots, self.k_workers, self.k_counts]
-        args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id]
+        keys = [self.k_state, self._grants(worker_id), self.k_slots, self.k_workers, self.k_counts, self.k_admits]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay = 0.01
         while True:
+            # a fresh nonce per request: redis-py re-sends the same one when it retries after a lost reply
+            args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id, uuid.uuid4().hex]
             granted, slot, req, version = (int(x) for x in self._admit(keys=keys, args=args))
             left = 0.0 if deadline is None else deadline - time.monotonic()
             if granted > 0 or left <= 0:
@@ -191,8 +204,26 @@ class StalenessBuffer:
         """Up to `n_groups` entries the current policy lets the learner train on now, waiting up to `block_ms`
         for them (0: only what is there). Drops and dead letters along the way are acked and counted. The
         entries stay pending until `ack()`."""
-        version = self.version()
-        if consumer not in self._own_pending_read:
+        try:
+            return self._pull(n_groups, consumer, block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # the stream was deleted under us (reset elsewhere, or a Redis without AOF restarted): start afresh
+            log.warning("buffer %r: stream or consumer group missing; recreating it", self.cfg.prefix)
+            self._ensure_group()
+            return self._pull(n_groups, consumer, block_ms)
+
+    def _pull(self, n_groups: int, consumer: str, block_ms: int) -> list[Entry]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.k_state, "version")
+        pipe.xpending(self.k_stream, GROUP)
+        version_raw, pending = pipe.execute()
+        version = int(version_raw or 0)
+        # Entries pending in this consumer that this instance does not hold: a restarted learner's, or a
+        # XREADGROUP whose reply was lost (redis-py retried it after a dropped connection). Read them again.
+        mine = next((int(c["pending"]) for c in pending["consumers"] if c["name"].decode() == consumer), 0)
+        if mine > len(self._pool) + len(self._delivered):
             self._read_own_pending(consumer)
         if time.monotonic() - self._last_claim > self.cfg.claim_idle_s / 4:
             self._claim(consumer)
@@ -213,17 +244,14 @@ class StalenessBuffer:
 
     def ack(self, ids: list[str]) -> int:
         """Acknowledge and delete consumed entries (after the checkpoint that covers them); they count as
-        consumed (stats) if this instance handed them out. Returns how many were still pending."""
+        consumed (stats). Returns how many were still pending. One round trip; idempotent (ACK_LUA)."""
         if not ids:
             return 0
-        hist = Counter(s for s in (self._delivered.pop(i, None) for i in ids) if s is not None)
-        pipe = self.r.pipeline(transaction=False)  # one round trip: ack, delete, count
-        pipe.xack(self.k_stream, GROUP, *ids)
-        pipe.xdel(self.k_stream, *ids)
-        for s, n in hist.items():
-            pipe.hincrby(self.k_counts, f"stale:{s}", n)
-        pipe.hincrby(self.k_counts, "consumed", sum(hist.values()))
-        return int(pipe.execute()[0])
+        args: list = [GROUP]
+        for i in ids:
+            s = self._delivered.pop(i, None)
+            args += [i, "" if s is None else s]
+        return int(self._ack(keys=[self.k_stream, self.k_counts], args=args))
 
     def _read_own_pending(self, consumer: str) -> None:
         """A restarted learner: entries delivered to this consumer name before and never acked come again."""
@@ -233,9 +261,10 @@ class StalenessBuffer:
             got = resp[0][1] if resp else []
             if not got:
                 break
-            self._ingest(got)
             start = got[-1][0]
-        self._own_pending_read.add(consumer)
+            got = [(i, f) for i, f in got if i.decode() not in self._pool and i.decode() not in self._delivered]
+            if got:
+                self._ingest(got, self._deliveries(consumer, got))
 
     def _claim(self, consumer: str) -> None:
         self._last_claim = time.monotonic()
@@ -247,13 +276,23 @@ class StalenessBuffer:
             nxt, got, _deleted = self.r.xautoclaim(
                 self.k_stream, GROUP, consumer, int(self.cfg.claim_idle_s * 1000), start, count=256
             )
-            self._ingest([(i, f) for i, f in got if i.decode() not in self._pool and i.decode() not in self._delivered])
+            got = [(i, f) for i, f in got if i.decode() not in self._pool and i.decode() not in self._delivered]
+            if got:
+                self._ingest(got, self._deliveries(consumer, got))
             start = nxt
             if nxt in (b"0-0", "0-0"):
                 break
 
-    def _ingest(self, raw: list) -> None:  # noqa: ANN001
-        """Decode delivered entries into the pool; dead-letter the malformed ones."""
+    def _deliveries(self, consumer: str, got: list) -> dict[str, int]:  # noqa: ANN001
+        """How often each of these redelivered entries has been delivered (they are pending in `consumer`)."""
+        rows = self.r.xpending_range(
+            self.k_stream, GROUP, min=got[0][0], max=got[-1][0], count=len(got) + 10_000, consumername=consumer
+        )
+        return {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
+
+    def _ingest(self, raw: list, deliveries: dict[str, int] | None = None) -> None:  # noqa: ANN001
+        """Decode delivered entries into the pool; dead-letter the malformed ones, and (on redelivery) those
+        delivered more than `max_deliveries` times: a group that keeps killing the learner must not loop."""
         gone = []
         for rid, fields in raw:
             eid = rid.decode()
@@ -268,6 +307,8 @@ class StalenessBuffer:
             try:
                 if data is None:
                     raise MalformedEntry("missing_payload", "no 'd' field")
+                if deliveries and deliveries.get(eid, 0) > self.cfg.max_deliveries:
+                    raise MalformedEntry("too_many_deliveries", f"delivered {deliveries[eid]} times, never acked")
                 group = decode_group(data)
             except MalformedEntry as bad:
                 self._dead_letter(eid, bad, data or b"", worker_s, slot_s)
@@ -278,48 +319,69 @@ class StalenessBuffer:
 
     def _serve(self, version: int, n: int) -> list[Entry]:
         c = self.cfg
-        out: list[Entry] = []
+        taken: list[tuple[str, _Pooled]] = []
         dropped: list[tuple[str, str, _Pooled]] = []
         for eid, item in list(self._pool.items()):
             g = item.group
             verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max)
             if verdict is Verdict.DROP:
                 dropped.append((eid, reason or "dropped", self._pool.pop(eid)))
-            elif verdict is Verdict.TAKE and len(out) < n:
-                del self._pool[eid]
-                s = staleness(version, g.version_min)
-                self._delivered[eid] = s
-                out.append(Entry(eid, g, s))
-        if dropped:
+            elif verdict is Verdict.TAKE and len(taken) < n:
+                taken.append((eid, self._pool.pop(eid)))
+        out: list[Entry] = []
+        if taken:
+            # Each group_id is trained on once: the first entry to claim its marker owns it; another entry with
+            # the same group_id (a push retried after its reply was lost, a replay) is a counted drop.
             pipe = self.r.pipeline(transaction=False)
-            for eid, reason, item in dropped:
-                self._discard(pipe, eid, f"drop:{reason}", item.worker, item.slot)
-            pipe.execute()
+            for eid, item in taken:
+                pipe.set(self._seen(item.group.group_id), eid, nx=True, get=True, ex=c.dedupe_window_s)
+            ahead = sum(item.group.version_max > version for _, item in taken)
+            if ahead:  # generated by a policy newer than the learner's (e.g. a learner resumed from an older
+                # checkpoint): still a valid sample with its behaviour log-probs, trained on, counted, logged
+                pipe.hincrby(self.k_counts, "ahead_of_learner", ahead)
+                log.warning("learner v%d got %d groups generated by a newer policy version", version, ahead)
+            owners = pipe.execute()[: len(taken)]
+            for (eid, item), owner in zip(taken, owners):
+                if owner is not None and owner.decode() != eid:
+                    dropped.append((eid, "duplicate", item))
+                    continue
+                s = staleness(version, item.group.version_min)
+                self._delivered[eid] = s
+                out.append(Entry(eid, item.group, s))
+        if dropped:
+            self._pipelined(
+                lambda pipe: [self._discard(pipe, eid, f"drop:{why}", it.worker, it.slot) for eid, why, it in dropped]
+            )
             log.debug("learner v%d dropped %d groups", version, len(dropped))
         return out
 
-    def _discard(self, pipe, eid: str, counter: str, worker: str | None, slot: str | None) -> None:  # noqa: ANN001
-        """Ack + delete an entry that will not be trained on, count it, and give its admission place back."""
-        pipe.xack(self.k_stream, GROUP, eid)
-        pipe.xdel(self.k_stream, eid)
-        pipe.hincrby(self.k_counts, counter, 1)
-        if worker is None:  # not pushed through push(): it never took an admission place
-            return
-        if self.cfg.policy == "bounded":
-            pipe.hincrby(self.k_state, "inflight", -1)
-        elif self.cfg.policy == "fixed" and slot not in (None, "-"):
-            pipe.hincrby(self.k_slots, slot, -1)
+    def _seen(self, group_id: str) -> str:
+        return f"{self.cfg.prefix}:seen:{group_id}"
+
+    def _pipelined(self, queue) -> list:  # noqa: ANN001
+        """Run the script calls `queue(pipe)` makes in one round trip. A Redis that restarted between the
+        pipeline's script check and its execution answers NOSCRIPT: run it again (the scripts are idempotent)."""
+        for attempt in range(3):
+            pipe = self.r.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _discard(self, pipe, eid: str, counter: str, worker: str | None, slot: str | None, dead: list | None = None) -> None:  # noqa: ANN001
+        """Ack + delete an entry that will not be trained on, count it, give its admission place back (only if
+        it was pushed through push(), i.e. has a worker) and dead-letter it if `dead`; idempotent (DISCARD_LUA)."""
+        keys = [self.k_stream, self.k_counts, self.k_state, self.k_slots, self.k_dead]
+        args = [GROUP, eid, counter, self.cfg.policy, worker or "", slot or "", *(dead or [])]
+        self._discard_entry(keys=keys, args=args, client=pipe)
 
     def _dead_letter(self, eid: str, bad: MalformedEntry, raw: bytes, worker: str | None, slot: str | None) -> None:
         log.warning("dead-lettered buffer entry %s from %s: %s", eid, worker or "?", bad)
-        pipe = self.r.pipeline(transaction=False)
-        fields = {
-            "reason": bad.reason, "detail": bad.detail[:500], "raw": raw[:DEAD_RAW_BYTES], "raw_len": len(raw),
-            "entry_id": eid, "worker": worker or "",
-        }
-        pipe.xadd(self.k_dead, fields, maxlen=self.cfg.dead_letter_maxlen, approximate=True)
-        self._discard(pipe, eid, f"dead:{bad.reason}", worker, slot)
-        pipe.execute()
+        dead = [self.cfg.dead_letter_maxlen, bad.reason, bad.detail[:500], raw[:DEAD_RAW_BYTES], len(raw)]
+        self._discard(self.r, eid, f"dead:{bad.reason}", worker, slot, dead)
 
     # ---------------- both ----------------
 
@@ -375,6 +437,7 @@ class StalenessBuffer:
             dead_letter_depth=dead_depth,
             admitted=counts.get("admitted", 0),
             outstanding=sum(grants.values()),
+            ahead_of_learner=counts.get("ahead_of_learner", 0),
             producers=producers,
         )
 
@@ -394,5 +457,4 @@ class StalenessBuffer:
             self.r.delete(*batch)
         self._pool.clear()
         self._delivered.clear()
-        self._own_pending_read.clear()
         self._ensure_group()

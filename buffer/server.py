@@ -5,10 +5,19 @@
 
 The server is a child process we own (`--daemonize no`): its config, password included, goes in on stdin so
 the password never shows in `ps`. It is stopped with SHUTDOWN NOSAVE, then killed if it lingers, on
-`__exit__`, at interpreter exit, and on SIGTERM of the parent; on Linux it also receives SIGTERM if the parent
-dies abruptly (PR_SET_PDEATHSIG). AOF is on for runs (a resumed run finds its buffer) and off for tests.
+`__exit__`, at interpreter exit, and on SIGTERM of the parent (unless the program handles SIGTERM itself: then
+its exit path does it); on Linux it also receives SIGTERM if the parent dies abruptly (PR_SET_PDEATHSIG; that
+signal follows the thread that started it, so start it from a thread that lives as long as the server should,
+normally the main thread). AOF is on for runs (a resumed run finds its buffer) and off for tests.
 
 Production: `connect(cfg.redis_url, os.environ[cfg.password_env])`, or `connect_config(cfg)`.
+
+Reconnection: a client from `connect()` survives Redis going away for up to `reconnect_s` (a restart, a
+failover): every command that fails with ConnectionError/TimeoutError (LOADING included) is retried with
+exponential backoff until `reconnect_s` have passed since the command began, then raises. A retried command
+may have run once already (its reply was lost): the buffer's scripts are idempotent for that reason (see
+buffer/redis_buffer.py, "Delivery"). The first contact is not retried: an address that is wrong at start-up is
+one clear RedisUnavailable at once, not a wait.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from buffer.config import BufferConfig
@@ -48,34 +57,66 @@ def _address(url: str) -> str:
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"  # hostname/port drop any user:password@
 
 
-def connect(url: str, password: str | None, *, timeout_s: float = 3.0) -> redis.Redis:
-    """A checked client (bytes replies, short connect timeout). Raises RedisUnavailable naming the address."""
-    client = redis.Redis.from_url(
+class ReconnectRetry(Retry):
+    """redis-py's Retry bounded by time, not by a count: retry with exponential backoff (50 ms doubling to
+    1 s) until `deadline_s` have passed since the call began. redis-py nests retries (a command's retry wraps
+    the socket connect's retry, both with this object); a count would multiply, a deadline per call does not."""
+
+    def __init__(self, deadline_s: float):
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.025), -1)
+        self.deadline_s = deadline_s
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # noqa: ANN001, ANN201
+        start = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                fail(error, failures) if with_failure_count else fail(error)
+                left = self.deadline_s - (time.monotonic() - start)
+                if left <= 0:
+                    raise
+                time.sleep(min(self._backoff.compute(failures), left))
+
+
+def _client(url: str, password: str | None, timeout_s: float, retry: Retry) -> redis.Redis:
+    return redis.Redis.from_url(
         url,
         password=password,
         socket_connect_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=30,
         decode_responses=False,
+        retry=retry,
     )
+
+
+def connect(url: str, password: str | None, *, timeout_s: float = 3.0, reconnect_s: float = 30.0) -> redis.Redis:
+    """A checked client (bytes replies, short connect timeout) that reconnects for `reconnect_s` when Redis goes
+    away later. Raises RedisUnavailable naming the address (never the password) if Redis is not there now."""
+    probe = _client(url, password, timeout_s, Retry(NoBackoff(), 0))  # first contact: fail fast, one clear line
     try:
-        client.ping()
+        probe.ping()
     except redis.AuthenticationError:
-        client.close()
         why = "needs a password and none was given" if password is None else "rejected the password"
         raise RedisUnavailable(f"Redis at {_address(url)} {why}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        client.close()
         why = type(exc).__name__
         raise RedisUnavailable(f"cannot reach Redis at {_address(url)} ({why}); is it running?") from None
-    return client
+    finally:
+        probe.close()
+    return _client(url, password, timeout_s, ReconnectRetry(reconnect_s))
 
 
 def connect_config(cfg: BufferConfig) -> redis.Redis:
     """Production: `cfg.redis_url` with the password from the environment variable `cfg.password_env`."""
     if not cfg.redis_url:
         raise ValueError("buffer.redis_url is not set (None means: start an EmbeddedRedis)")
-    return connect(cfg.redis_url, os.environ.get(cfg.password_env))
+    return connect(cfg.redis_url, os.environ.get(cfg.password_env), reconnect_s=cfg.reconnect_s)
 
 
 def _free_port() -> int:
@@ -98,13 +139,13 @@ def _stop_all() -> None:
         server.stop()
 
 
-def _on_sigterm(signum, frame, previous=None):  # noqa: ANN001
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Only installed where SIGTERM would otherwise kill us outright (SIG_DFL): stop the servers, then die the
+    # same way. Where the program has its own handler we leave it alone: its graceful exit (which may still
+    # need Redis) ends in atexit or the `with` block, which stop the servers.
     _stop_all()
-    if callable(previous):
-        previous(signum, frame)
-    else:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _install_hooks() -> None:
@@ -113,9 +154,8 @@ def _install_hooks() -> None:
         return
     _hooks_installed = True
     atexit.register(_stop_all)
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda n, f: _on_sigterm(n, f, previous))
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class EmbeddedRedis:
@@ -126,6 +166,8 @@ class EmbeddedRedis:
         data_dir: str | Path | None = None,
         *,
         aof: bool = False,
+        appendfsync: str = "everysec",
+        port: int | None = None,
         maxmemory_mb: int | None = None,
         executable: str = "redis-server",
         start_timeout_s: float = 10.0,
@@ -134,6 +176,8 @@ class EmbeddedRedis:
             raise ValueError("aof=True needs a data_dir to write the append-only file to")
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.aof = aof
+        self.appendfsync = appendfsync
+        self._fixed_port = port  # None: a free port, chosen at start()
         self.maxmemory_mb = maxmemory_mb
         self.executable = executable
         self.start_timeout_s = start_timeout_s
@@ -157,6 +201,7 @@ class EmbeddedRedis:
             f"requirepass {self.password}",
             'save ""',
             f"appendonly {'yes' if self.aof else 'no'}",
+            f"appendfsync {self.appendfsync}",
             "loglevel warning",
             'logfile ""',
         ]
@@ -177,10 +222,10 @@ class EmbeddedRedis:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         _install_hooks()
         last_error = ""
-        for _ in range(5):
+        for _ in range(5 if self._fixed_port is None else 1):
             # redis logs to a temporary file, not a pipe: nobody reads a pipe, and a full one would block it
             log = tempfile.TemporaryFile()  # the free port can be taken between probing and binding: retry on another one
-            port = _free_port()
+            port = self._fixed_port or _free_port()
             proc = subprocess.Popen(
                 [exe, "-"],
                 stdin=subprocess.PIPE,
@@ -198,6 +243,21 @@ class EmbeddedRedis:
             last_error = self._output()
             self.stop()
         raise RuntimeError(f"redis-server did not start on 127.0.0.1: {last_error.strip()[-500:]}")
+
+    def restart(self, *, hard: bool = False) -> EmbeddedRedis:
+        """Stop (hard: SIGKILL, as a crash) and start again on the same port, password and data dir: clients
+        from `connect()` reconnect by themselves; with AOF on, the data is loaded back."""
+        if self.port is None:
+            raise RuntimeError("EmbeddedRedis is not started")
+        port, self._fixed_port = self._fixed_port, self.port
+        try:
+            if hard and self.proc is not None:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            self.stop()
+            return self.start()
+        finally:
+            self._fixed_port = port
 
     def _wait_ready(self) -> bool:
         assert self.proc is not None

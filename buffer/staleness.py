@@ -84,7 +84,13 @@ def decide(
 # Slot "-" in a worker's grant hash means "no slot" (bounded / unbounded).
 
 ADMIT_LUA = """
--- KEYS: state, grants(worker), slots, workers, counts ; ARGV: policy, s, B, n, worker
+-- KEYS: state, grants(worker), slots, workers, counts, admits ; ARGV: policy, s, B, n, worker, nonce
+-- Idempotent: a call retried after its reply was lost (same nonce) gets the first answer, not a second grant.
+local last = redis.call('HGET', KEYS[6], ARGV[5])
+if last then
+  local prev = cjson.decode(last)
+  if prev[1] == ARGV[6] then return {prev[2], prev[3], prev[4], prev[5]} end
+end
 local policy, s, B, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local V = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local granted, slot, req = 0, -1, -1
@@ -114,6 +120,7 @@ if granted > 0 then
   redis.call('SADD', KEYS[4], ARGV[5])
   redis.call('HINCRBY', KEYS[5], 'admitted', granted)
 end
+redis.call('HSET', KEYS[6], ARGV[5], cjson.encode({ARGV[6], granted, slot, req, V}))
 return {granted, slot, req, V}
 """
 
@@ -161,4 +168,46 @@ for i = 1, #all, 2 do
 end
 redis.call('DEL', KEYS[1])
 return total
+"""
+
+# ---- Lua for the learner side: idempotent, because a command retried after a lost reply may run twice. ----
+
+ACK_LUA = """
+-- KEYS: stream, counts ; ARGV: group, then (entry id, staleness or '') pairs. Returns how many were pending.
+-- Counts only what this call acknowledged: a call retried after its reply was lost counts nothing twice.
+local acked = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    acked = acked + 1
+    if ARGV[i + 1] ~= '' then redis.call('HINCRBY', KEYS[2], 'stale:' .. ARGV[i + 1], 1) end
+  end
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
+if acked > 0 then redis.call('HINCRBY', KEYS[2], 'consumed', acked) end
+return acked
+"""
+
+DISCARD_LUA = """
+-- KEYS: stream, counts, state, slots, dead ; ARGV: group, id, counter, policy, worker ('' = not pushed through
+-- push()), slot, then optionally the dead letter: maxlen, reason, detail, raw, raw_len.
+-- Ack + delete an entry that will not be trained on, count it, give its admission place back and dead-letter
+-- it; all of it only if this call acknowledged it (a retried call does nothing twice).
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+if ARGV[5] ~= '' then
+  if ARGV[4] == 'bounded' then
+    redis.call('HINCRBY', KEYS[3], 'inflight', -1)
+  elseif ARGV[4] == 'fixed' and ARGV[6] ~= '-' and ARGV[6] ~= '' then
+    redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
+  end
+end
+if #ARGV > 6 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'reason', ARGV[8], 'detail', ARGV[9], 'raw', ARGV[10],
+             'raw_len', ARGV[11], 'entry_id', ARGV[2], 'worker', ARGV[5])
+end
+return 1
 """

@@ -27,4 +27,5 @@ class BufferStats(BaseModel):
     dead_letter_depth: int
     admitted: int = Field(description="Groups ever granted to producers.")
     outstanding: int = Field(description="Granted and not pushed yet (being generated).")
+    ahead_of_learner: int = Field(0, description="Groups trained on that a newer policy than the learner's made.")
     producers: dict[str, ProducerStats]

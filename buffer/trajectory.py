@@ -77,6 +77,8 @@ class Trajectory(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Trajectory:
         t = len(self.response_ids)
+        if not len(self.prompt_ids):  # the learner scores response token k from the tokens before it
+            raise ValueError("empty_prompt: a trajectory needs at least one prompt token")
         if len(self.behaviour_logp) != t:
             raise ValueError(f"length_mismatch: {t} response tokens but {len(self.behaviour_logp)} log-probs")
         if len(self.versions) != t:
@@ -151,7 +153,7 @@ def _fast_group(payload: dict[str, Any]) -> TrajectoryGroup | None:
     if type(gid) is not str or not (slot is None or type(slot) is int) or type(raw) is not list or not raw:
         return None
     rows = [_fast_fields(d) for d in raw]
-    if any(f is None or f["group_id"] != gid for f in rows):
+    if any(f is None or f["group_id"] != gid or not len(f["prompt_ids"]) for f in rows):
         return None
     lengths = np.array([len(f["response_ids"]) for f in rows])
     if any(len(f["behaviour_logp"]) != t or len(f["versions"]) != t for f, t in zip(rows, lengths)):
@@ -229,7 +231,7 @@ def encode_group(group: TrajectoryGroup) -> bytes:
     return msgpack.packb(payload, use_bin_type=True)
 
 
-_REASONS = ("length_mismatch", "non_finite", "version_mismatch", "empty_group", "group_mismatch")
+_REASONS = ("length_mismatch", "non_finite", "version_mismatch", "empty_group", "group_mismatch", "empty_prompt")
 
 
 def decode_group(data: bytes) -> TrajectoryGroup:

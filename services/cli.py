@@ -120,9 +120,14 @@ def plot(
 @buffer_app.command("stats")
 def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
     """Depth, oldest age, staleness histogram, drops and producer rates of the configured buffer."""
+    from buffer.server import RedisUnavailable
     from services.launcher import buffer_stats_json
 
-    typer.echo(buffer_stats_json(resolve(args)))
+    try:
+        typer.echo(buffer_stats_json(resolve(args)))
+    except RedisUnavailable as exc:  # its message names the address, never the password
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:  # pragma: no cover - console entry
