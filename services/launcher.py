@@ -37,7 +37,9 @@ def start_redis(cfg: Config, stack: ExitStack, data_dir: Path | None) -> RedisEn
         password = os.environ.get(cfg.buffer.password_env)
         connect(cfg.buffer.redis_url, password).close()  # fail now, with one clear line, if unreachable
         return RedisEndpoint(cfg.buffer.redis_url, password)
-    server = stack.enter_context(EmbeddedRedis(data_dir=data_dir, aof=cfg.buffer.aof and data_dir is not None))
+    server = stack.enter_context(EmbeddedRedis(
+        data_dir=data_dir, aof=cfg.buffer.aof and data_dir is not None, appendfsync=cfg.buffer.appendfsync
+    ))
     return RedisEndpoint(server.url, server.password)
 
 
