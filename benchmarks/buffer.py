@@ -6,7 +6,8 @@ Realistic groups: 8 responses x 1,024 tokens (int32 ids, float32 log-probs, int3
 prompt. Push: buffer.push (encode + Lua admission-accounting + capacity check + XADD) one group per call, and
 push_many (pipelined, 16 per round trip), against raw XADD of the already-encoded bytes (one per call, and
 pipelined x16). Pull: buffer.pull(16) (XREADGROUP + decode + validation + staleness rule) + ack (XACK + XDEL +
-stats), against raw XREADGROUP COUNT 16 + XACK. Prints JSON: groups/s and MB/s of each, and buffer/raw ratios
+stats), against raw XREADGROUP COUNT 16 + XACK; decode_only is decode_group alone, the part of pull that raw
+does not do. Prints JSON: groups/s and MB/s of each, and buffer/raw ratios
 (best round of each; every round runs all variants back to back so machine load hits them alike).
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from buffer.config import BufferConfig  # noqa: E402
 from buffer.redis_buffer import StalenessBuffer  # noqa: E402
 from buffer.server import EmbeddedRedis, connect  # noqa: E402
-from buffer.trajectory import Trajectory, TrajectoryGroup, encode_group  # noqa: E402
+from buffer.trajectory import Trajectory, TrajectoryGroup, decode_group, encode_group  # noqa: E402
 
 BATCH = 16
 
@@ -103,12 +104,16 @@ def main() -> None:
                 buf.ack([e.id for e in entries])
                 got += len(entries)
 
+        def decode_only() -> None:  # where pull's extra time goes: msgpack + validation into pydantic models
+            for p in payloads:
+                decode_group(p)
+
         def reset_raw() -> None:
             r.delete(raw_stream)
             r.xgroup_create(raw_stream, "raw", id="0", mkstream=True)
 
         times: dict[str, list[float]] = {k: [] for k in
-                                         ("raw_push", "raw_push_pipelined", "raw_pull", "push", "push_many", "pull")}
+                                         ("raw_push", "raw_push_pipelined", "raw_pull", "push", "push_many", "pull", "decode_only")}
         for _ in range(args.rounds):
             reset_raw()
             times["raw_push"].append(timed(raw_push))
@@ -121,6 +126,7 @@ def main() -> None:
             buf.reset()
             times["push_many"].append(timed(buf_push_many))
             buf.reset()
+            times["decode_only"].append(timed(decode_only))
         r.close()
 
     # the fastest round of each: on a shared machine, the one least disturbed by other processes
