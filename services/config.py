@@ -43,7 +43,7 @@ class WeightsConfig(BaseModel):
     keep_versions: int = Field(
         4, ge=1, description="Versions the registry keeps; with buffer.policy=fixed at least max_staleness + 2."
     )
-    bucket_mb: int = Field(256, ge=1, description="Weights travel in buckets of at most this size.")
+    bucket_mb: int = Field(64, ge=1, description="Weights travel in buckets of at most this size.")
     timeout_s: float = Field(120.0, gt=0, description="A publish or fetch slower than this is an error.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

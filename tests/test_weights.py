@@ -38,9 +38,9 @@ def _odd_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     }
 
 
-def _round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int, dtype=None) -> dict[str, torch.Tensor]:
+def _round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int, dtype=None, staging=None):
     out = {}
-    for specs, buf in pack_buckets(tensors.items(), bucket_bytes, dtype):
+    for specs, buf in pack_buckets(tensors.items(), bucket_bytes, dtype, staging):
         buf = buf.copy()
         buf.setflags(write=False)  # what ray.get hands back
         out.update((n, t.clone()) for n, t in unpack_bucket(specs, buf))
@@ -50,8 +50,9 @@ def _round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int, dtype=None)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_round_trip_is_exact(dtype):
     tensors = _odd_tensors(dtype)
-    for bucket_bytes in (1, 96, 1 << 20):  # one tensor per bucket, a few per bucket, all in one
-        out = _round_trip(tensors, bucket_bytes)
+    # one tensor per bucket, a few per bucket, all in one; with a staging buffer reused by the buckets that fit
+    for bucket_bytes, staging in [(1, None), (96, None), (1 << 20, None), (160, np.empty(160, np.uint8))]:
+        out = _round_trip(tensors, bucket_bytes, staging=staging)
         assert list(out) == list(tensors)
         for name, t in tensors.items():
             assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
@@ -230,50 +231,76 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def zero2_engine():
-    """A real DeepSpeed ZeRO-2 engine (CPU, gloo, world of one) on a tiny random Qwen2, after one update."""
+def dist_world():
+    """A gloo process group of one (the learner's single-process setup), torn down after the module."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     created = not dist.is_initialized()
     if created:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def ds_engine(request, dist_world):
+    """A real DeepSpeed engine (CPU, gloo) on a tiny random Qwen2, after one update."""
+    import deepspeed
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # persistence threshold 0: ZeRO-3 would otherwise keep these tiny parameters whole and never partition them
+    zero = {"stage": request.param, "stage3_param_persistence_threshold": 0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
         "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30})
     ids = torch.randint(0, 64, (2, 12))
-    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     engine.step()
-    assert any(not torch.equal(before[n], p) for n, p in engine.module.named_parameters())  # it did update
-    yield engine
-    if created:
-        dist.destroy_process_group()
+    return engine, initial
+
+
+def _full_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=hasattr(params[0][1], "ds_id")):
+        return {n: p.detach().clone() for n, p in params}
 
 
 @pytest.mark.slow
-def test_publish_from_a_zero2_engine_gives_its_exact_parameters(registry, zero2_engine):
-    expected = {n: p.detach().clone() for n, p in zero2_engine.module.named_parameters()}
+def test_publish_from_a_deepspeed_engine_gives_its_exact_parameters(registry, ds_engine):
+    ds_engine, initial = ds_engine
+    if ds_engine.zero_optimization_stage() == 3:  # the publisher must gather: nothing is whole at rest
+        assert all(p.numel() == 0 for p in ds_engine.module.parameters())
+    expected = _full_params(ds_engine)
+    assert any(not torch.equal(initial[n], p) for n, p in expected.items())  # the update changed weights
     fetcher = WeightsFetcher(registry, timeout_s=30)
 
-    WeightPublisher(registry, timeout_s=30).publish(zero2_engine, version=1)
+    WeightPublisher(registry, timeout_s=30).publish(ds_engine, version=1)
     version, out = _fetch_all(fetcher)
     assert version == 1 and list(out) == list(expected)
     for name, p in expected.items():
         assert out[name].dtype == torch.float32 and torch.equal(out[name], p), name
 
-    WeightPublisher(registry, dtype="bfloat16", timeout_s=30).publish(zero2_engine, version=2)
-    _, out = _fetch_all(fetcher, 2)
+    # bf16 rollout in several buckets (the tiny model fits one bucket of 1 MB: use 4 KiB ones)
+    publisher = WeightPublisher(registry, dtype="bfloat16", timeout_s=30)
+    publisher.bucket_bytes = 4096
+    publisher.publish(ds_engine, version=2)
+    fetched = fetcher.fetch(2)
+    assert len(fetched.manifest.buckets) > 3
+    out = {n: t.clone() for n, t in fetched.tensors()}
     for name, p in expected.items():
         assert torch.equal(out[name], p.to(torch.bfloat16)), name

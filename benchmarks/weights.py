@@ -1,0 +1,158 @@
+"""Weights through the Ray object store: end-to-end bandwidth against a plain memory copy, per bucket size.
+
+End to end = what one policy update costs: WeightPublisher.publish (pack into buckets, ray.put, register with
+the WeightRegistry actor) + WeightsFetcher.fetch (ask the registry, ray.get each bucket) + copying every tensor
+into the receiver's preallocated torch tensors (what a load in place does). Baseline, same run, same bytes:
+copying every source tensor straight into the receiver tensors (memcpy). The figures are steady state:
+publishing repeats every update, and the first puts into a fresh object store pay its page faults, so every
+configuration is warmed up (keep_versions + 1 publishes) before the timed repeats (median reported).
+
+    .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 64 128 256 512 1024] [--reps 5]
+
+Prints one JSON object: per size and bucket size, GB/s end to end, of the fetch + load half alone (what a
+rollout worker waits for), and of memcpy, with the ratios to memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from learner.publisher import WeightPublisher  # noqa: E402
+from rollout_worker.weights import WeightsFetcher  # noqa: E402
+from services.registry import start_registry  # noqa: E402
+
+KEEP_VERSIONS = 2
+
+
+def transformer_like(target_mb: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Named tensors shaped like a Qwen2-style decoder (GQA attention, SwiGLU MLP, RMSNorm, untied head):
+    hidden 1024 (~100 MB models) or 2048 (~1 GB), layers added until the target size is reached."""
+    hidden, inter, kv, vocab = (1024, 2816, 256, 2048) if target_mb < 500 else (2048, 5632, 512, 16384)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    layer = 0
+    elt = dtype.itemsize
+    while sum(torch.Size(s).numel() for s in shapes.values()) * elt + vocab * hidden * elt < target_mb * 1e6:
+        p = f"model.layers.{layer}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        }
+        layer += 1
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    return {name: torch.randn(shape, dtype=dtype) for name, shape in shapes.items()}
+
+
+def as_module(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module tree whose named_parameters() are exactly these names and tensors (no copies)."""
+    root = torch.nn.Module()
+    for name, t in tensors.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+    return root
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3)
+
+
+def bench(size_mb: int, bucket_mbs: list[int], reps: int) -> dict:
+    source = transformer_like(size_mb)
+    nbytes = sum(t.numel() * t.element_size() for t in source.values())
+    receiver = {n: torch.empty_like(t) for n, t in source.items()}
+    model = as_module(source)
+
+    def memcpy() -> float:
+        t0 = time.perf_counter()
+        for name, t in source.items():
+            receiver[name].copy_(t)
+        return time.perf_counter() - t0
+
+    memcpy()  # first touch of the receiver's pages
+    registry = start_registry(KEEP_VERSIONS, name=f"bench-weights-{size_mb}")
+    fetcher = WeightsFetcher(registry, timeout_s=600)
+    version = 0
+    rows = []
+    for bucket_mb in bucket_mbs:
+        publisher = WeightPublisher(registry, bucket_mb=bucket_mb, timeout_s=600)
+        e2e, fetch_load, publish, memcpy_s = [], [], [], []
+        for rep in range(KEEP_VERSIONS + 1 + reps):
+            version += 1
+            t0 = time.perf_counter()
+            stats = publisher.publish(model, version)
+            t1 = time.perf_counter()
+            for name, t in fetcher.fetch(version).tensors():
+                receiver[name].copy_(t)
+            t2 = time.perf_counter()
+            if rep > KEEP_VERSIONS:  # warmed up
+                e2e.append(t2 - t0)
+                fetch_load.append(t2 - t1)
+                publish.append(t1 - t0)
+                memcpy_s.append(memcpy())  # interleaved: both see the same machine load
+        assert all(torch.equal(receiver[n], t) for n, t in source.items())  # it did move the weights
+        med = statistics.median
+        # Ratios per repeat (memcpy measured right after it), then the median: the machine's load drifts.
+        rows.append({
+            "bucket_mb": bucket_mb,
+            "buckets": stats.buckets,
+            "publish_s": round(med(publish), 4),
+            "fetch_load_s": round(med(fetch_load), 4),
+            "e2e_gbps": gbps(nbytes, med(e2e)),
+            "fetch_load_gbps": gbps(nbytes, med(fetch_load)),
+            "memcpy_gbps": gbps(nbytes, med(memcpy_s)),
+            "ratio_e2e_vs_memcpy": round(med(m / e for m, e in zip(memcpy_s, e2e)), 3),
+            "ratio_fetch_load_vs_memcpy": round(med(m / f for m, f in zip(memcpy_s, fetch_load)), 3),
+        })
+    ray.kill(registry)
+    best = max(rows, key=lambda r: r["ratio_e2e_vs_memcpy"])
+    return {"size_mb": round(nbytes / 1e6, 1), "tensors": len(source), "best_bucket_mb": best["bucket_mb"],
+            "runs": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    try:
+        results = [bench(size, args.bucket_mb, args.reps) for size in args.sizes_mb]
+    finally:
+        ray.shutdown()
+    print(json.dumps({
+        "benchmark": "weights",
+        "what": "publish (pack, ray.put, register) + fetch via registry + copy into preallocated tensors,"
+                " float32, vs copying the same tensors directly (memcpy); steady state, median of reps",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "ray": ray.__version__, "torch_threads": torch.get_num_threads()},
+        "keep_versions": KEEP_VERSIONS,
+        "reps": args.reps,
+        "results": results,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
