@@ -60,7 +60,9 @@ def _is_zero3(params: list[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
-def _zero3_named_params(named: list[tuple[str, torch.nn.Parameter]], chunk_bytes: int, dtype: torch.dtype | None):
+def _zero3_named_params(
+    named: list[tuple[str, torch.nn.Parameter]], chunk_bytes: int, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, full tensor) for ZeRO-3 partitioned params, gathering ~chunk_bytes of them at a time.
 
     The gathered data vanishes when the context exits (re-partition), so each tensor is copied out first, in
@@ -78,8 +80,7 @@ def _zero3_named_params(named: list[tuple[str, torch.nn.Parameter]], chunk_bytes
             copies = []
             if rank == 0:
                 for name, p in chunk:
-                    out = dtype if dtype is not None and p.is_floating_point() else p.dtype
-                    copies.append((name, p.detach().to("cpu", out, copy=True)))
+                    copies.append((name, p.detach().to("cpu", travel_dtype(p, dtype), copy=True)))
         yield from copies
 
     for name, p in named:
@@ -147,20 +148,27 @@ class WeightPublisher:
         refs: list[ray.ObjectRef] = []
         buckets = []
         total = 0
+        failure: WeightsError | None = None
         for specs, buf in pack_buckets(tensors, self.bucket_bytes, self.dtype, self._staging):  # none on rank > 0
+            if failure is not None:
+                continue  # keep consuming: under ZeRO-3 the other ranks wait for this rank in every gather
             try:
-                refs.append(ray.put(buf))
-            except Exception as exc:  # ObjectStoreFullError, a lost raylet, ...
-                raise WeightsError(f"publishing weights version {version}: ray.put of bucket {len(refs)}"
-                                   f" ({buf.nbytes} bytes) failed: {exc}") from exc
-            del buf  # the store has its copy (ray.put copies): the staging buffer is free for the next bucket
+                refs.append(ray.put(buf))  # copies into the store: the staging buffer is free again
+            except Exception as exc:  # ObjectStoreFullError (after Ray's retries), a lost raylet, ...
+                failure = WeightsError(f"publishing weights version {version}: ray.put of bucket {len(refs)}"
+                                       f" ({buf.nbytes} bytes) failed: {type(exc).__name__}: {exc}")
+                failure.__cause__ = exc
             buckets.append(specs)
             total += sum(s.nbytes for s in specs)
-            if time.perf_counter() - t0 > self.timeout_s:
-                raise WeightsTimeout(f"publishing weights version {version}: packing and putting {len(refs)}"
-                                     f" buckets took longer than {self.timeout_s}s")
         if rank != 0:
             return None
+        if failure is not None:
+            raise failure
+        # Checked once the gathers are over: under ZeRO-3 leaving early would strand the other ranks. ray.put
+        # itself does not hang: a full store raises after its retries.
+        if time.perf_counter() - t0 > self.timeout_s:
+            raise WeightsTimeout(f"publishing weights version {version}: packing and putting {len(refs)}"
+                                 f" buckets took longer than {self.timeout_s}s")
 
         dtype_names = {s.dtype for b in buckets for s in b if s.dtype in FLOAT_DTYPES}
         manifest = WeightsManifest(version, buckets, total, ",".join(sorted(dtype_names)) or "none")

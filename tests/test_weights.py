@@ -197,7 +197,7 @@ def _never_done(seconds: float) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_a_bucket_that_never_arrives_times_out(registry):
+def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
     pending = _never_done.remote(600)
     manifest = WeightsManifest(3, [[]], 0, "float32")
     ray.get(registry.register.remote(manifest, [pending]), timeout=30)
@@ -205,6 +205,10 @@ def test_a_bucket_that_never_arrives_times_out(registry):
     with pytest.raises(WeightsTimeout, match=r"version 3, bucket 1/1: not available within 0.5s"):
         list(fetched.tensors())
     ray.cancel(pending, force=True)
+    # A publish slower than its timeout is an error too, and registers nothing.
+    with pytest.raises(WeightsTimeout, match=r"publishing weights version 4: packing and putting 1 buckets"):
+        WeightPublisher(registry, timeout_s=1e-9).publish(Params({"w": torch.ones(3)}), 4)
+    assert ray.get(registry.versions.remote(), timeout=30) == [3]
 
 
 @pytest.mark.slow
