@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test soak bench setup redis clean help
+.PHONY: demo test soak bench setup setup-test clean help
 
 help:
 	@echo "make demo   - train the tiny CPU model with M2PO end to end (staleflow train)"
@@ -29,22 +29,30 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 	touch $@
 
-setup: $(STAMP) redis
-
-redis:
-	@command -v redis-server >/dev/null && exit 0; \
+# System packages from Debian: redis-server (the buffer; all runs), prometheus and chromium (dashboard tests).
+RUN_PKGS := redis-server
+TEST_PKGS := redis-server prometheus chromium
+define need_debian
+	@missing=""; for p in $(1); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing redis-server (Debian package)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-	  echo "redis-server is missing: run 'sudo apt-get install -y redis-server' (or brew install redis), then retry"; \
-	  exit 1; \
+	  echo "missing:$$missing. Run: sudo apt-get install -y$$missing   (then retry)"; exit 1; \
 	fi
+endef
+
+setup: $(STAMP)
+	$(call need_debian,$(RUN_PKGS))
+
+setup-test: $(STAMP)
+	$(call need_debian,$(TEST_PKGS))
 
 demo: setup
 	$(VENV)/bin/staleflow train
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
 
 bench: setup
