@@ -25,10 +25,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
+from buffer.redis_buffer import StalenessBuffer
+from buffer.server import connect
 from services.actors import LearnerActor, RolloutActor
 from services.config import Config, dump_config
 from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
-from services.metrics import MetricsHub
+from services.metrics import MetricsHub, buffer_metrics
 from services.progress import TrainDisplay
 from services.registry import start_registry
 
@@ -118,6 +120,8 @@ class Run:
             .remote(cfg, model_dir, f"worker-{i}", redis, self.registry, self.hub)
             for i in range(cfg.rollout.num_workers)
         ]
+        # The driver's own view of the buffer: its statistics go to the hub ("buffer" source) every update.
+        self.buffer = StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
         self.runs: dict[int, ray.ObjectRef] = {}
         self.restarts = 0
         self.evals: list[dict[str, Any]] = []
@@ -164,6 +168,9 @@ class Run:
             stats = ray.get(ref)
             version = int(stats.get("policy/version", version + 1))
             values = dict(stats)
+            buffer_values = buffer_metrics(self.buffer.stats())
+            self.hub.log.remote("buffer", version, buffer_values)
+            values.update(buffer_values)
             ev = self.poll_eval(version)
             if ev is not None:
                 values["eval/accuracy"] = ev["accuracy"]
