@@ -1,0 +1,215 @@
+"""The rollout worker loop: newest weights in, admitted groups of samples out to the staleness buffer.
+
+    worker = RolloutWorker(engine, task, buffer, cfg, task_cfg, worker_id="w0",
+                           get_latest=lambda: registry_version(), fetch=lambda v: fetched_tensors(v),
+                           report=log_metrics)
+    worker.run()            # until stop() (from another thread) or max_batches
+
+One batch: load newer weights if the registry has them (fixed policy: exactly the version the admission names),
+ask the buffer for admission, draw that many prompts, generate n samples each, score them, push the groups.
+A reward function that fails is counted (rollout/reward_errors) and the batch goes on with reward 0 for those
+samples (what `score` returns for them); a weights fetch that fails is logged and retried at the next batch.
+The worker imports nothing of services: the registry, the buffer and the metrics sink are handed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from buffer.redis_buffer import Admission, StalenessBuffer
+from buffer.trajectory import Trajectory, TrajectoryGroup
+from rollout_worker.config import RolloutConfig, TaskConfig
+from rollout_worker.engine import GenerationEngine, Sample
+from rollout_worker.tasks.base import Prompt, Task
+from rollout_worker.tasks.scoring import score
+
+log = logging.getLogger(__name__)
+
+GetLatest = Callable[[], int]
+Fetch = Callable[[int], Iterable[tuple[str, torch.Tensor]]]
+Report = Callable[[dict[str, float], int], None]
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        task: Task,
+        buffer: StalenessBuffer,
+        cfg: RolloutConfig,
+        task_cfg: TaskConfig,
+        *,
+        worker_id: str,
+        get_latest: GetLatest,
+        fetch: Fetch,
+        report: Report | None = None,
+        admit_wait_s: float = 1.0,
+    ):
+        self.engine = engine
+        self.task = task
+        self.buffer = buffer
+        self.cfg = cfg
+        self.task_cfg = task_cfg
+        self.worker_id = worker_id
+        self.get_latest = get_latest
+        self.fetch = fetch
+        self.report = report or (lambda values, step: None)
+        self.admit_wait_s = admit_wait_s
+        self.step = 0
+        self._stop = threading.Event()
+        # Each worker its own prompt stream (a stable function of the run seed and its id).
+        self._prompts: Iterator[Prompt] = task.train_prompts(task_cfg.seed * 1_000_003 + zlib.crc32(worker_id.encode()))
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask run() to return after the batch in flight (safe from another thread)."""
+        self._stop.set()
+
+    def run(self, max_batches: int | None = None) -> int:
+        """Generate and push batches until stop() or `max_batches`. Returns the number of batches pushed."""
+        self._stop.clear()
+        returned = self.buffer.release(self.worker_id)  # grants a previous incarnation never used
+        if returned:
+            log.info("worker %s: released %d grants of a previous incarnation", self.worker_id, returned)
+        done = 0
+        while not self._stop.is_set() and (max_batches is None or done < max_batches):
+            if self.run_batch():
+                done += 1
+        return done
+
+    # ------------------------------------------------------------------ one batch
+    def _load(self, version: int, metrics: dict[str, float]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            self.engine.update_weights(self.fetch(version), version)
+        except Exception:  # a registry hiccup must not kill the worker: keep the weights we have, retry later
+            log.exception("worker %s: loading weights version %d failed", self.worker_id, version)
+            metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
+            return False
+        metrics["weights/fetch_s"] = time.perf_counter() - t0
+        metrics["weights/version"] = version
+        return True
+
+    def _latest(self) -> int | None:
+        try:
+            return int(self.get_latest())
+        except Exception:
+            log.exception("worker %s: asking the registry for its latest version failed", self.worker_id)
+            return None
+
+    def _admit(self, metrics: dict[str, float]) -> Admission | None:
+        """Wait for a grant; None if stop() came first. Time spent here is rollout/idle_s."""
+        t0 = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                adm = self.buffer.admit(self.worker_id, self.cfg.groups_per_batch, timeout_s=self.admit_wait_s)
+                if adm.granted > 0:
+                    return adm
+                # While waiting (the learner is behind), pick up fresher weights so the next batch is less stale.
+                latest = self._latest()
+                if latest is not None and latest > self.engine.version and self.buffer.cfg.policy != "fixed":
+                    self._load(latest, metrics)
+            return None
+        finally:
+            metrics["rollout/idle_s"] = time.perf_counter() - t0
+
+    def run_batch(self) -> bool:
+        """One admitted batch, generated, scored and pushed. False if nothing was pushed."""
+        metrics: dict[str, float] = {}
+        fixed = self.buffer.cfg.policy == "fixed"
+        latest = self._latest()
+        if not fixed and latest is not None and latest > self.engine.version:
+            self._load(latest, metrics)
+
+        adm = self._admit(metrics)
+        if adm is None:
+            return False
+        if adm.required_version is not None and adm.required_version != self.engine.version:
+            if not self._load(adm.required_version, metrics):
+                self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
+                self.report(metrics, self.step)
+                return False
+
+        t0 = time.perf_counter()
+        prompts = [next(self._prompts) for _ in range(adm.granted)]
+        prompt_ids = self.engine.tokenize([p.text for p in prompts])
+        version_at_start = self.engine.version
+        # Partial rollouts make no sense when the admission pins the version (fixed policy).
+        poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
+        t_gen = time.time()
+        groups = self.engine.generate(prompt_ids, poll_weights=poll)
+        t_gen_end = time.time()
+
+        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+        flat_samples = [s for g in groups for s in g]
+        rewards, errors = self._score(flat_prompts, flat_samples)
+
+        out: list[TrajectoryGroup] = []
+        k = 0
+        for prompt, ids, samples in zip(prompts, prompt_ids, groups):
+            out.append(self._group(prompt, ids, samples, rewards[k : k + len(samples)], adm, version_at_start,
+                                   t_gen, t_gen_end))
+            k += len(samples)
+        self.buffer.push_many(out, self.worker_id)
+
+        batch_s = time.perf_counter() - t0
+        n_tokens = sum(len(s.token_ids) for s in flat_samples)
+        metrics.update({
+            "rollout/tokens_per_s": n_tokens / batch_s if batch_s > 0 else 0.0,
+            "rollout/batch_s": batch_s,
+            "rollout/groups": len(out),
+            "rollout/version": version_at_start,
+            "rollout/reward_errors": errors,
+            "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+        })
+        if latest is not None:
+            metrics["rollout/version_lag"] = max(0, latest - version_at_start)
+        self.report(metrics, self.step)
+        self.step += 1
+        return True
+
+    def _poll_weights(self):
+        """Partial rollouts: the newest weights if they are newer than the engine's, else None."""
+        latest = self._latest()
+        if latest is None or latest <= self.engine.version:
+            return None
+        return self.fetch(latest), latest
+
+    def _score(self, prompts: list[Prompt], samples: list[Sample]) -> tuple[list[float], int]:
+        responses = [s.text for s in samples]
+        try:
+            rewards, errors = score(self.task, prompts, responses, timeout_s=self.task_cfg.reward_timeout_s)
+        except Exception:  # score isolates per-sample failures; this is the net under score itself
+            log.exception("worker %s: scoring a batch failed; rewards set to 0", self.worker_id)
+            return [0.0] * len(samples), len(samples)
+        return [float(r) for r in rewards], int(errors)
+
+    def _group(self, prompt: Prompt, prompt_ids: list[int], samples: list[Sample], rewards: list[float],
+               adm: Admission, version: int, t_start: float, t_end: float) -> TrajectoryGroup:
+        group_id = uuid.uuid4().hex
+        trajs = [
+            Trajectory.make(
+                group_id=group_id,
+                prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+                response_ids=np.asarray(s.token_ids, dtype=np.int32),
+                behaviour_logp=np.asarray(s.logprobs, dtype=np.float32),
+                versions=np.asarray(s.versions, dtype=np.int32) if s.token_ids else None,
+                version=version,
+                reward=r,
+                finish_reason=s.finish_reason,
+                worker_id=self.worker_id,
+                t_start=t_start,
+                t_end=t_end,
+                meta={"prompt_id": prompt.id},
+            )
+            for s, r in zip(samples, rewards)
+        ]
+        return TrajectoryGroup(group_id=group_id, trajectories=trajs, slot=adm.slot)

@@ -1,0 +1,156 @@
+"""The rollout worker loop with a real vLLM CPU engine and a real Redis buffer (tests/conftest.py's server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from buffer.trajectory import decode_group
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from rollout_worker.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(REPO / ".cache/staleflow/tiny-model")
+
+
+@pytest.fixture(scope="module")
+def rollout_cfg():
+    from rollout_worker.config import RolloutConfig
+
+    return RolloutConfig(n=3, max_tokens=6, temperature=1.0, groups_per_batch=2, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, rollout_cfg):
+    from rollout_worker.engine import VLLMEngine
+
+    eng = VLLMEngine(str(model_dir), rollout_cfg)
+    yield eng
+    eng.close()
+
+
+class Registry:
+    """The two callables the worker gets from services: the newest version, and a version's tensors."""
+
+    def __init__(self, model_dir: Path, latest: int = 0):
+        self.model_dir, self.latest, self.fetched = model_dir, latest, []
+
+    def get_latest(self) -> int:
+        return self.latest
+
+    def fetch(self, version: int):
+        from safetensors.torch import load_file
+
+        self.fetched.append(version)
+        return load_file(self.model_dir / "model.safetensors").items()
+
+
+def stream_groups(buf):
+    return [decode_group(fields[b"d"]) for _, fields in buf.r.xrange(f"{buf.cfg.prefix}:stream")]
+
+
+def make_worker(engine, task, buf, cfg, registry, reports, worker_id="w0"):
+    from rollout_worker.config import TaskConfig
+    from rollout_worker.worker import RolloutWorker
+
+    return RolloutWorker(engine, task, buf, cfg, TaskConfig(), worker_id=worker_id, get_latest=registry.get_latest,
+                         fetch=registry.fetch, report=lambda values, step: reports.append((step, dict(values))))
+
+
+def test_worker_pushes_well_formed_groups_and_loads_newer_weights(engine, buffer_factory, rollout_cfg, model_dir):
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+    from rollout_worker.tiny_model import BOS_ID
+
+    buf = buffer_factory(policy="bounded", max_staleness=4, batch_groups=2)
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+    registry, reports = Registry(model_dir, latest=0), []
+    worker = make_worker(engine, ArithmeticTask(), buf, rollout_cfg, registry, reports)
+    assert worker.run(max_batches=1) == 1
+    registry.latest = 1  # a newer version is published: the next batch must be generated with it
+    assert worker.run(max_batches=1) == 1
+    assert registry.fetched == [1]
+
+    groups = stream_groups(buf)
+    assert len(groups) == 4
+    for i, g in enumerate(groups):
+        version = 0 if i < 2 else 1
+        assert len(g.trajectories) == rollout_cfg.n and g.slot is None
+        assert len({t.meta["prompt_id"] for t in g.trajectories}) == 1
+        for t in g.trajectories:
+            assert t.prompt_ids[0] == BOS_ID and len(t.prompt_ids) > 1
+            assert 1 <= len(t.response_ids) <= rollout_cfg.max_tokens
+            assert len(t.behaviour_logp) == len(t.response_ids) == len(t.versions)
+            assert np.isfinite(t.behaviour_logp).all() and (t.behaviour_logp <= 0).all()
+            assert (t.versions == version).all() and t.version_min == t.version_max == version
+            assert t.reward in (0.0, 1.0)
+            assert t.worker_id == "w0" and t.finish_reason in ("stop", "length")
+            assert t.t_start <= t.t_end
+
+    assert [step for step, _ in reports] == [0, 1]
+    last = reports[-1][1]
+    for key in ("rollout/tokens_per_s", "rollout/version_lag", "rollout/batch_s", "reward/mean",
+                "weights/fetch_s", "rollout/reward_errors", "rollout/idle_s"):
+        assert key in last, key
+    assert last["rollout/version_lag"] == 0 and last["rollout/reward_errors"] == 0
+    assert "weights/fetch_s" not in reports[0][1]  # nothing was loaded for the first batch
+
+
+class FlakyReward:
+    """A plug-in task whose reward function raises on every other prompt."""
+
+    name = "flaky"
+    reward_in_process = True
+
+    def __init__(self):
+        from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+        self.inner = ArithmeticTask()
+
+    def train_prompts(self, seed):
+        return self.inner.train_prompts(seed)
+
+    def eval_prompts(self):
+        return self.inner.eval_prompts()
+
+    def reward(self, prompt, response):
+        if int(prompt.id.split("+")[0]) % 2:
+            raise RuntimeError("reward function bug")
+        return self.inner.reward(prompt, response)
+
+
+def test_failing_reward_is_counted_and_survived(engine, buffer_factory, rollout_cfg, model_dir):
+    buf = buffer_factory(policy="unbounded")
+    reports = []
+    worker = make_worker(engine, FlakyReward(), buf, rollout_cfg, Registry(model_dir, latest=engine.version),
+                         reports, worker_id="flaky")
+    assert worker.run(max_batches=3) == 3
+    groups = stream_groups(buf)
+    assert len(groups) == 6
+    failing = [g for g in groups if int(g.trajectories[0].meta["prompt_id"].split("+")[0]) % 2]
+    assert failing, "no prompt hit the failing reward: the test did not exercise it"
+    assert all(t.reward == 0.0 for g in failing for t in g.trajectories)
+    errors = sum(values["rollout/reward_errors"] for _, values in reports)
+    assert errors == rollout_cfg.n * len(failing)
+
+
+def test_fixed_policy_generates_with_the_version_the_admission_names(engine, buffer_factory, rollout_cfg, model_dir):
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    buf = buffer_factory(policy="fixed", max_staleness=1, batch_groups=2)
+    buf.set_version(3)  # open slots 3..4; slot 3 must be generated by version 3 - 1 = 2
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+    registry = Registry(model_dir, latest=3)
+    worker = make_worker(engine, ArithmeticTask(), buf, rollout_cfg, registry, [], worker_id="fixed")
+    assert worker.run(max_batches=1) == 1
+    assert registry.fetched == [2]  # the required version, not the newest
+    groups = stream_groups(buf)
+    assert len(groups) == 2
+    assert all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
