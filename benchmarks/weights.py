@@ -1,13 +1,13 @@
 """Weights through the Ray object store: end-to-end bandwidth against a plain memory copy, per bucket size.
 
-End to end = what one policy update costs: WeightPublisher.publish (pack into buckets, ray.put, register with
-the WeightRegistry actor) + WeightsFetcher.fetch (ask the registry, ray.get each bucket) + copying every tensor
-into the receiver's preallocated torch tensors (what a load in place does). Baseline, same run, same bytes:
-copying every source tensor straight into the receiver tensors (memcpy). The figures are steady state:
+End to end = what one policy update costs: WeightPublisher.publish (pack into buckets, ray.put, register
+with the WeightRegistry actor) + WeightsFetcher.fetch (ask the registry, ray.get each bucket) + copying every
+tensor into the receiver's preallocated torch tensors (what a load in place does). Baseline, same run, same
+bytes: copying every source tensor straight into the receiver tensors (memcpy). The figures are steady state:
 publishing repeats every update, and the first puts into a fresh object store pay its page faults, so every
 configuration is warmed up (keep_versions + 1 publishes) before the timed repeats (median reported).
 
-    .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 64 128 256 512 1024] [--reps 5]
+    .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 32 64 256] [--reps 5]
 
 Prints one JSON object: per size and bucket size, GB/s end to end, of the fetch + load half alone (what a
 rollout worker waits for), and of memcpy, with the ratios to memcpy.

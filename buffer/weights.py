@@ -4,12 +4,12 @@ A published policy version is a `WeightsManifest` plus one object-store object p
 contiguous uint8 numpy array holding several tensors back to back; the manifest says where each one lives:
 
     WeightsManifest(version=7, dtype="bfloat16", total_bytes=..., buckets=[
-        [TensorSpec("model.embed_tokens.weight", "bfloat16", (V, H), offset=0, nbytes=2*V*H), ...],  # bucket 0
-        [...],                                                                                       # bucket 1
+        [TensorSpec("model.embed_tokens.weight", "bfloat16", (V, H), offset=0, nbytes=2*V*H), ...],  # 0
+        [...],                                                                                   # bucket 1
     ])
 
-Why flat uint8 buckets: Ray stores a numpy array with one copy on put and hands it back zero-copy on get, while
-a pickled torch state_dict is copied on both sides (~5x slower). uint8 also carries dtypes numpy lacks
+Why flat uint8 buckets: Ray stores a numpy array with one copy on put and hands it back zero-copy on get,
+while a pickled torch state_dict is copied on both sides (~5x slower). uint8 also carries dtypes numpy lacks
 (bfloat16): `unpack_bucket` views the bytes as the torch dtype, never converting. Buckets are bounded
 (`bucket_bytes`) so that neither side holds two full copies of the model: the publisher packs one bucket,
 puts it and frees it; the fetcher gets one bucket, loads it and drops it.
@@ -43,11 +43,11 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class WeightsError(RuntimeError):
-    """A weights publish or fetch failed (missing/evicted version, lost object, corrupt bucket, dead registry)."""
+    """A weights publish or fetch failed: missing/evicted version, lost object, bad bucket, dead registry."""
 
 
 class WeightsTimeout(WeightsError, TimeoutError):
-    """A weights publish or fetch step did not finish within its timeout; the message names version and step."""
+    """A weights publish or fetch step did not finish in time; the message names the version and the step."""
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,12 @@ class WeightsManifest:
     version: int
     buckets: list[BucketSpec]
     total_bytes: int  # sum of the tensors' bytes (alignment padding not counted)
-    dtype: str  # the floating-point dtype the weights travel in
+    dtype: str  # the floating-point dtype the weights travel in ("bfloat16"; comma-joined if several)
 
     def bucket_nbytes(self, i: int) -> int:
         """Size of bucket i's array (tensors plus alignment padding)."""
         last = self.buckets[i][-1] if self.buckets[i] else None
         return last.offset + last.nbytes if last else 0
-
-    @property
-    def num_tensors(self) -> int:
-        return sum(len(b) for b in self.buckets)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -163,7 +159,7 @@ def _pack(
     buf = staging[:size] if staging is not None and staging.size >= size else np.empty(size, dtype=np.uint8)
     raw = torch.from_numpy(buf)
     for spec, tensor in pending:
-        _view(raw, spec).copy_(tensor.detach())  # converts dtype, gathers non-contiguous layouts, copies device -> host
+        _view(raw, spec).copy_(tensor.detach())  # converts dtype, gathers strided layouts, device -> host
     return [spec for spec, _ in pending], buf
 
 
@@ -188,8 +184,8 @@ def unpack_bucket(specs: Sequence[TensorSpec], buf: np.ndarray) -> Iterator[tupl
         expected = DTYPES[spec.dtype] * int(np.prod(spec.shape, dtype=np.int64))
         if spec.offset < 0 or end > buf.size or spec.nbytes != expected:
             raise WeightsError(
-                f"{spec.name}: bytes [{spec.offset}, {end}) as {spec.dtype}{list(spec.shape)} do not fit a bucket"
-                f" of {buf.size} bytes"
+                f"{spec.name}: bytes [{spec.offset}, {end}) as {spec.dtype}{list(spec.shape)} do not fit a"
+                f" bucket of {buf.size} bytes"
             )
         yield spec.name, _view(raw, spec)
 

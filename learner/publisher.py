@@ -94,7 +94,7 @@ def _zero3_named_params(
 
 
 class WeightPublisher:
-    """Puts the model's weights into the object store and registers them; call `maybe_publish` after each update.
+    """Puts the model's weights into the object store and registers them; `maybe_publish` after each update.
 
     `registry` is the WeightRegistry actor handle (services hands it over); `metrics(step, values)` is the
     run's metrics callback. Only rank 0 talks to Ray; call it on every rank (ZeRO-3 needs them all).
@@ -115,7 +115,7 @@ class WeightPublisher:
         self.registry = registry
         self.publish_every = publish_every
         self.bucket_bytes = bucket_mb << 20
-        self.dtype = None if dtype == "auto" else torch_dtype(dtype)  # None: floats travel in the model's dtype
+        self.dtype = None if dtype == "auto" else torch_dtype(dtype)  # None: floats keep the model's dtype
         self.timeout_s = timeout_s
         self.metrics = metrics
         # One bucket of host memory, reused by every publish: packing into fresh pages is ~3x slower.
@@ -149,7 +149,8 @@ class WeightPublisher:
         buckets = []
         total = 0
         failure: WeightsError | None = None
-        for specs, buf in pack_buckets(tensors, self.bucket_bytes, self.dtype, self._staging):  # none on rank > 0
+        # Ranks > 0 (ZeRO-3) only take part in the gathers: their generator yields no bucket.
+        for specs, buf in pack_buckets(tensors, self.bucket_bytes, self.dtype, self._staging):
             if failure is not None:
                 continue  # keep consuming: under ZeRO-3 the other ranks wait for this rank in every gather
             try:

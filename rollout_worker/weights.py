@@ -1,8 +1,9 @@
-"""Fetching published weights on a rollout worker: ask the registry, then stream the buckets from the object store.
+"""Fetching published weights on a rollout worker: ask the registry, then stream the buckets from the object
+store.
 
     fetcher = WeightsFetcher(registry, timeout_s=cfg.weights.timeout_s, metrics=log_metrics)
     if fetcher.latest_version() > engine.version:
-        fetched = fetcher.fetch()                                 # the newest; or fetch(version=v) (fixed mode)
+        fetched = fetcher.fetch()                                  # newest; fetch(version=v) in fixed mode
         engine.update_weights(fetched.tensors(), fetched.version)  # consumes (name, tensor) bucket by bucket
 
 `tensors()` yields zero-copy, read-only views over the object-store buffers, one bucket at a time: only the
@@ -99,7 +100,7 @@ class WeightsFetcher:
 
     def latest_version(self) -> int:
         """The newest published version, -1 if none yet (one tiny actor call)."""
-        return _ask(self.registry.latest_version.remote(), "asking the latest weights version", self.timeout_s)
+        return _ask(self.registry.latest_version.remote(), "asking for the latest weights", self.timeout_s)
 
     def fetch(self, version: int | None = None) -> FetchedWeights:
         """The given version (None: the newest). WeightsError if it was never published or is evicted."""
@@ -109,8 +110,8 @@ class WeightsFetcher:
             kept = _ask(self.registry.versions.remote(), f"fetching {label}", self.timeout_s)
             if version is None:
                 raise WeightsError("fetching the newest weights: nothing has been published yet")
-            raise WeightsError(f"fetching weights version {version}: not available (evicted or never published);"
-                               f" the registry keeps versions {kept}")
+            raise WeightsError(f"fetching weights version {version}: not available (evicted or never"
+                               f" published); the registry keeps versions {kept}")
         manifest, refs = entry
         return FetchedWeights(manifest, list(refs), self.timeout_s, self.metrics)
 

@@ -1,4 +1,5 @@
-"""The weight registry: a small named Ray actor that knows which policy versions exist and where their bytes are.
+"""The weight registry: a small named Ray actor that knows which policy versions exist and where their bytes
+are.
 
 The learner registers (manifest, object refs) after each publish; rollout workers ask `latest_version()` (an
 int, cheap to poll) and `get(version)` for the refs, then pull the buckets straight from the object store
@@ -37,8 +38,9 @@ class WeightRegistry:
         """Add a version. One ref per bucket. A version at or below the latest rewinds history: a learner
         restarted from an older checkpoint publishes again from there, and versions after it are dropped."""
         if len(refs) != len(manifest.buckets):
-            raise WeightsError(f"version {manifest.version}: {len(refs)} object refs for {len(manifest.buckets)}"
-                               " buckets")
+            raise WeightsError(
+                f"version {manifest.version}: {len(refs)} object refs for {len(manifest.buckets)} buckets"
+            )
         if not all(isinstance(r, ray.ObjectRef) for r in refs):
             raise WeightsError(f"version {manifest.version}: refs must be ray.ObjectRef")
         dropped = [v for v in self._versions if v >= manifest.version]
@@ -55,7 +57,7 @@ class WeightRegistry:
         return next(reversed(self._versions), -1)
 
     def get(self, version: int | None = None) -> tuple[WeightsManifest, list[ray.ObjectRef]] | None:
-        """(manifest, refs) of `version` (None: the newest), or None if it was never published or is evicted."""
+        """(manifest, refs) of `version` (None: the newest); None if never published or evicted."""
         if version is None:
             version = self.latest_version()
         return self._versions.get(version)

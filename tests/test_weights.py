@@ -25,7 +25,7 @@ NAMESPACE = "test-weights"
 
 
 def _odd_tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Layouts that break naive byte copies: non-contiguous, 0-d, empty, a slice with an offset, plus an int."""
+    """Layouts that break naive byte copies: non-contiguous, 0-d, empty, an offset slice, plus an int."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 10, generator=g).to(dtype)
     return {
@@ -50,7 +50,7 @@ def _round_trip(tensors: dict[str, torch.Tensor], bucket_bytes: int, dtype=None,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_round_trip_is_exact(dtype):
     tensors = _odd_tensors(dtype)
-    # one tensor per bucket, a few per bucket, all in one; with a staging buffer reused by the buckets that fit
+    # one tensor per bucket, a few per bucket, all in one; a staging buffer reused by the buckets that fit
     for bucket_bytes, staging in [(1, None), (96, None), (1 << 20, None), (160, np.empty(160, np.uint8))]:
         out = _round_trip(tensors, bucket_bytes, staging=staging)
         assert list(out) == list(tensors)
@@ -137,7 +137,7 @@ def test_publish_fetch_round_trip_through_ray(registry):
         tensors["big"] = torch.randn(300_000).to(dtype)  # over the 1 MB bucket in float32: several buckets
         tensors["big2"] = torch.randn(1000, 300).to(dtype).t()
         published, fetched_metrics = [], []
-        pub = WeightPublisher(registry, bucket_mb=1, metrics=lambda step, v: published.append((step, dict(v))))
+        pub = WeightPublisher(registry, bucket_mb=1, metrics=lambda s, v: published.append((s, dict(v))))
         fetcher.metrics = lambda step, v: fetched_metrics.append((step, dict(v)))
         stats = pub.publish(Params(tensors), version=version)
         assert stats.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -264,7 +264,7 @@ def ds_engine(request, dist_world):
     model = Qwen2ForCausalLM(config)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    # persistence threshold 0: ZeRO-3 would otherwise keep these tiny parameters whole and never partition them
+    # persistence threshold 0: ZeRO-3 would otherwise keep these tiny parameters whole, never partitioned
     zero = {"stage": request.param, "stage3_param_persistence_threshold": 0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
