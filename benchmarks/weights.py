@@ -77,10 +77,10 @@ def gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 3)
 
 
-def bench(size_mb: int, bucket_mbs: list[int], reps: int) -> dict:
-    source = transformer_like(size_mb)
-    nbytes = sum(t.numel() * t.element_size() for t in source.values())
-    receiver = {n: torch.empty_like(t) for n, t in source.items()}
+def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
+    source = transformer_like(size_mb)  # float32, like the learner's master weights
+    receiver = {n: torch.empty_like(t, dtype=getattr(torch, dtype)) for n, t in source.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in receiver.values())  # bytes that travel
     model = as_module(source)
 
     def memcpy() -> float:
@@ -95,7 +95,7 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int) -> dict:
     version = 0
     rows = []
     for bucket_mb in bucket_mbs:
-        publisher = WeightPublisher(registry, bucket_mb=bucket_mb, timeout_s=600)
+        publisher = WeightPublisher(registry, bucket_mb=bucket_mb, dtype=dtype, timeout_s=600)
         e2e, fetch_load, publish, memcpy_s = [], [], [], []
         for rep in range(KEEP_VERSIONS + 1 + reps):
             version += 1
@@ -110,7 +110,8 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int) -> dict:
                 fetch_load.append(t2 - t1)
                 publish.append(t1 - t0)
                 memcpy_s.append(memcpy())  # interleaved: both see the same machine load
-        assert all(torch.equal(receiver[n], t) for n, t in source.items())  # it did move the weights
+        # it did move the weights
+        assert all(torch.equal(receiver[n], t.to(receiver[n].dtype)) for n, t in source.items())
         med = statistics.median
         # Ratios per repeat (memcpy measured right after it), then the median: the machine's load drifts.
         rows.append({
@@ -135,17 +136,21 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--bucket-mb", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="rollout dtype; bfloat16: the baseline is the converting copy fp32 -> bf16")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:
-        results = [bench(size, args.bucket_mb, args.reps) for size in args.sizes_mb]
+        results = [bench(size, args.bucket_mb, args.reps, args.dtype) for size in args.sizes_mb]
     finally:
         ray.shutdown()
     print(json.dumps({
         "benchmark": "weights",
         "what": "publish (pack, ray.put, register) + fetch via registry + copy into preallocated tensors,"
-                " float32, vs copying the same tensors directly (memcpy); steady state, median of reps",
+                " float32 learner weights, vs copying the same tensors directly (memcpy, converting when the"
+                " rollout dtype differs); steady state, medians of reps",
+        "rollout_dtype": args.dtype,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "ray": ray.__version__, "torch_threads": torch.get_num_threads()},
         "keep_versions": KEEP_VERSIONS,
