@@ -15,6 +15,13 @@ class TaskConfig(BaseModel):
     data_path: str | None = Field(None, description="math: a local JSONL or parquet file of prompts/answers.")
     prompt_template: str | None = Field(None, description="Name of a bundled template or a str.format template.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for evaluation.")
+    eval_data_path: str | None = Field(
+        None, description="math: a separate local eval file (else eval_size rows of data_path are held out)."
+    )
+    question_key: str | None = Field(None, description="math: the question column (default: problem/question/...).")
+    answer_key: str | None = Field(None, description="math: the answer column (default: answer/final_answer/...).")
+    arithmetic_max_operand: int = Field(29, ge=1, description="arithmetic: operands are drawn from [0, this].")
+    arithmetic_ops: str = Field("+", description="arithmetic: the operators, any of '+-'.")
     reward_timeout_s: float = Field(5.0, gt=0)
     seed: int = 0
 

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -46,6 +47,11 @@ class WarmStart:
     max_operand: int = 99
     ops: str = "+"
     data_seed: int = 12345
+    # A flawed teacher: on problems that need a carry (or borrow) it drops it this often. The policy then
+    # knows the right answer but greedily prefers the wrong one on those problems: right sometimes, with a
+    # clear reward signal for RL to sharpen (RL cannot teach a model this small the carry rule itself in
+    # minutes; it can flip a preference).
+    carry_drop: float = 0.7
 
 
 DEFAULT_WARM_START = WarmStart()
@@ -73,14 +79,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(vocab_size: int) -> Qwen2Config:
+def tiny_config(vocab_size: int, num_hidden_layers: int = 2) -> Qwen2Config:
     # head_dim 32 (128 / 4): vLLM's CPU attention rejects head_dim < 32. Tied embeddings like the small Qwen2.5
     # models, so the demo exercises the same weight-sync path (one tensor serves embed_tokens and lm_head).
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -191,18 +197,34 @@ def _sft_batches(tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> Iter
     from rollout_worker.tasks.arithmetic import ArithmeticTask
 
     stream = ArithmeticTask(max_operand=ws.max_operand, ops=ws.ops).train_prompts(ws.data_seed + seed)
+    rng = random.Random(ws.data_seed + seed)
     while True:
         rows = []
         for _ in range(ws.batch_size):
             p = next(stream)
+            target = p.answer
+            if rng.random() < ws.carry_drop:
+                target = _without_carries(p.text)
             prompt = tok(p.text)["input_ids"]
-            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
+            answer = tok(target, add_special_tokens=False)["input_ids"] + [EOS_ID]
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)
         # Right-padded: positions are then the same as at generation time for a single unpadded prompt.
         ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r, _ in rows])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
         yield ids, labels
+
+
+def _without_carries(text: str) -> str:
+    """The flawed teacher's answer to "a+b=" / "a-b=": each digit column on its own, carries/borrows dropped."""
+    op = "+" if "+" in text else "-"
+    a, b = text.rstrip("=").split(op)
+    width = max(len(a), len(b))
+    cols = [
+        (int(x) + int(y)) % 10 if op == "+" else (int(x) - int(y)) % 10
+        for x, y in zip(a.zfill(width), b.zfill(width))
+    ]
+    return str(int("".join(map(str, cols))))
 
 
 def _warm_start(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> float:
@@ -222,4 +244,4 @@ def _warm_start(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, ws: WarmS
         opt.step()
         sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rollout_worker.tasks.base import Prompt
+from rollout_worker.tasks.templates import render
 
 # The eval set is drawn with this seed, independent of training seeds, so it is the same for every run.
 EVAL_SEED = 1_000_003
@@ -23,11 +24,13 @@ class ArithmeticTask:
     max_operand: int = 99  # operands are drawn uniformly from [0, max_operand]
     ops: str = "+"  # any of "+-"; "-" keeps a >= b so answers stay non-negative
     eval_size: int = 200
+    template: str = "plain"  # a bundled template name or a format string with {question}
     reward_in_process = True  # exact string match: pure and O(len(response)), see tasks.base
 
     def __post_init__(self) -> None:
         if not self.ops or set(self.ops) - set("+-"):
             raise ValueError(f"arithmetic ops must be a non-empty subset of '+-', got {self.ops!r}")
+        render(self.template, "")  # fail at construction on an unknown template
         if self.max_operand < 1:
             raise ValueError("arithmetic max_operand must be >= 1")
         space = len(self.ops) * (self.max_operand + 1) ** 2
@@ -40,7 +43,7 @@ class ArithmeticTask:
         if op == "-" and a < b:
             a, b = b, a
         value = a + b if op == "+" else a - b
-        return Prompt(id=f"{a}{op}{b}", text=f"{a}{op}{b}=", answer=str(value))
+        return Prompt(id=f"{a}{op}{b}", text=render(self.template, f"{a}{op}{b}="), answer=str(value))
 
     def eval_prompts(self) -> list[Prompt]:
         return list(self._eval_by_id().values())
