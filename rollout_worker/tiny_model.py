@@ -38,7 +38,7 @@ RECIPE_VERSION = 1
 class WarmStart:
     """The supervised warm start: teacher-forced arithmetic answers, loss on the answer (+ <eos>) only."""
 
-    steps: int = 300
+    steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 20
@@ -140,7 +140,9 @@ def build_tiny_model(
     return out
 
 
-def ensure_tiny_model(out_dir: str | Path, seed: int = 0, force: bool = False) -> Path:
+def ensure_tiny_model(
+    out_dir: str | Path, seed: int = 0, force: bool = False, warm_start: WarmStart = DEFAULT_WARM_START
+) -> Path:
     """The warm-started tiny model at `out_dir`, built once and reused while the recipe is unchanged.
 
     Safe to call from several processes at once (a worker and the learner): a file lock serializes builders,
@@ -148,14 +150,14 @@ def ensure_tiny_model(out_dir: str | Path, seed: int = 0, force: bool = False) -
     """
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    want = recipe_hash(seed)
+    want = recipe_hash(seed, warm_start)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and _stamp_matches(out, want):
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            build_tiny_model(tmp, seed=seed, warm_start=True)
+            build_tiny_model(tmp, seed=seed, warm_start=warm_start)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

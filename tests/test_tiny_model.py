@@ -1,0 +1,84 @@
+"""The tiny CPU model: tokenizer, deterministic build, caching, loadability (warm start kept short here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollout_worker.tiny_model import (
+    EOS_ID,
+    STAMP,
+    WarmStart,
+    _without_carries,
+    build_tokenizer,
+    build_tiny_model,
+    ensure_tiny_model,
+)
+
+SHORT = WarmStart(steps=3, batch_size=8)
+
+
+def test_tokenizer_round_trip() -> None:
+    tok = build_tokenizer()
+    for text in ["12+34=46", "a b\n  c", "Let's think: \\boxed{1/2}."]:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode([*tok("7")["input_ids"], EOS_ID], skip_special_tokens=True) == "7"
+    assert tok("é")["input_ids"][1] == tok.unk_token_id
+
+
+def test_flawed_teacher_drops_only_carries() -> None:
+    assert _without_carries("12+7=") == "19"  # no carry: the right answer
+    assert _without_carries("18+5=") == "13"  # carry dropped (right: 23)
+    assert _without_carries("23-5=") == "28"  # borrow dropped (right: 18)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    a = build_tiny_model(root / "a", seed=0, warm_start=SHORT)
+    b = build_tiny_model(root / "b", seed=0, warm_start=SHORT)
+    c = build_tiny_model(root / "c", seed=1, warm_start=SHORT)
+    return a, b, c
+
+
+def test_same_seed_same_bytes(built) -> None:
+    a, b, c = built
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_build_leaves_torch_settings_alone(tmp_path) -> None:
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    build_tiny_model(tmp_path / "m", seed=0, warm_start=False)
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), rng)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_loads_in_transformers_and_generates(built) -> None:
+    path = built[0]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = model.config
+    assert cfg.model_type == "qwen2" and cfg.hidden_size // cfg.num_attention_heads >= 32  # vLLM CPU attention
+    assert cfg.eos_token_id == tok.eos_token_id == EOS_ID
+    enc = tok(["12+7=", "3+4="], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 4
+
+
+def test_ensure_reuses_matching_build_and_rebuilds_on_change(tmp_path) -> None:
+    out = ensure_tiny_model(tmp_path / "m", seed=0, warm_start=SHORT)
+    weights = out / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert ensure_tiny_model(tmp_path / "m", seed=0, warm_start=SHORT) == out
+    assert weights.stat().st_mtime_ns == mtime  # reused: stamp matched
+    (out / STAMP).write_text("{}")  # a stale or foreign stamp forces a rebuild
+    ensure_tiny_model(tmp_path / "m", seed=0, warm_start=SHORT)
+    assert weights.stat().st_mtime_ns != mtime
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.") and p.is_dir()]  # no temp left
