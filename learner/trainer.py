@@ -54,7 +54,9 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {
-        # One "sample" per micro-batch: the real accumulation is driven by step() (boundary set by hand).
+        # The number of micro-batches varies per update (token budget), so DeepSpeed does not count them:
+        # unmanaged accumulation = every backward() accumulates, the one step() is the boundary.
+        "managed_gradient_accumulation": False,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
@@ -134,11 +136,15 @@ class Trainer:
         Logits are computed only for the valid response positions ([N, V], N = valid tokens), not the whole
         [B, L, V] sequence: the vocabulary projection is the learner's largest activation.
         """
-        module = self.engine.module
-        input_ids = mb.input_ids.to(self.device)
-        hidden = module.get_decoder()(
-            input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device)
-        ).last_hidden_state  # [B, L, H]
+        # Through the engine (its forward does ZeRO's per-micro-batch bookkeeping), asking for the final
+        # (post-norm) hidden states and a single position of logits; the vocabulary projection is ours.
+        out = self.engine(
+            input_ids=mb.input_ids.to(self.device),
+            attention_mask=mb.attention_mask.to(self.device),
+            logits_to_keep=1,
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1]  # [B, L, H]
         b, t = mb.mask.shape
         mask = mb.mask.to(self.device)
         # The logit predicting response token k sits at position P - 1 + k.
@@ -146,7 +152,7 @@ class Trainer:
             max=hidden.shape[1] - 1
         )  # [B, T]
         h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[mask]  # [N, H]
-        logits = module.get_output_embeddings()(h).float()  # [N, V]
+        logits = self.engine.module.get_output_embeddings()(h).float()  # [N, V]
         if self.temperature != 1.0:
             logits = logits / self.temperature
         logsm = torch.log_softmax(logits, dim=-1)  # [N, V]
@@ -162,10 +168,8 @@ class Trainer:
 
     def _dummy_backward(self) -> None:
         """A zero-gradient micro-batch, so every rank runs the same number of backwards (ZeRO collectives)."""
-        module = self.engine.module
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        hidden = module.get_decoder()(input_ids=ids).last_hidden_state
-        loss = module.get_output_embeddings()(hidden).float().sum() * 0.0
+        loss = self.engine(input_ids=ids, logits_to_keep=1).logits.float().sum() * 0.0
         self.engine.backward(loss, scale_wrt_gas=False)
 
     # ---------------------------------------------------------------- the step
@@ -197,7 +201,6 @@ class Trainer:
 
         acc = _Accumulator(self.device)
         for i in range(n_steps):
-            self.engine.set_gradient_accumulation_boundary(i == n_steps - 1)
             if i >= len(mbs):
                 self._dummy_backward()
                 continue

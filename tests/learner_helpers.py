@@ -73,7 +73,12 @@ def learner_config(budget: int, **fields):
 def _save(trainer, stats: dict, out: Path, name: str) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().clone().contiguous() for k, v in trainer.named_tensors()}, str(out / f"{name}.safetensors"))
+    import deepspeed
+
+    named = list(trainer.named_tensors())
+    with deepspeed.zero.GatheredParameters([p for _, p in named if hasattr(p, "ds_id")]):  # ZeRO-3: full tensors
+        tensors = {k: v.detach().clone().contiguous() for k, v in named}
+    save_file(tensors, str(out / f"{name}.safetensors"))
     (out / f"{name}.json").write_text(json.dumps(stats))
 
 
@@ -83,6 +88,9 @@ def _split_main(model_dir: str, out: str, budgets: list[int]) -> None:
     for budget in budgets:
         trainer = Trainer(learner_config(budget), model_dir)
         _save(trainer, trainer.step(make_groups(6)), Path(out), f"split-{budget}")
+    # ZeRO-3 accumulates partitioned gradients by its own micro-step count: the smallest split again.
+    trainer = Trainer(learner_config(budgets[-1], zero_stage=3), model_dir)
+    _save(trainer, trainer.step(make_groups(6)), Path(out), f"zero3-{budgets[-1]}")
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, budget: int) -> None:

@@ -75,7 +75,7 @@ def _budget_for(rows, k: int) -> int:
 
 @pytest.mark.slow
 def test_m2po_step_is_split_invariant_and_matches_a_plain_torch_update(rows, tmp_path):
-    """1, 2 and 4 micro-batches and 2 gloo ranks: the same global M2PO mask, the same gradient (norm), the
+    """1, 2 and 4 micro-batches, 2 gloo ranks, and ZeRO-3: the same global M2PO mask, the same gradient (norm), the
     same parameters after the step, all equal to a whole-batch plain-torch AdamW update (its own log-probs
     from the full logits)."""
     from safetensors.torch import load_file
@@ -93,7 +93,8 @@ def test_m2po_step_is_split_invariant_and_matches_a_plain_torch_update(rows, tmp
     assert moved > 5e-4  # the step did something (lr 1e-3): the comparisons below can fail
     assert 0 < ref_stats["loss/masked_tokens"]
 
-    runs = {f"split-{b}": n for b, n in zip(budgets, (1, 2, 4))} | {f"ranks2-{budgets[1]}": 2}
+    runs = {f"split-{b}": n for b, n in zip(budgets, (1, 2, 4))}
+    runs |= {f"ranks2-{budgets[1]}": 2, f"zero3-{budgets[2]}": 4}
     for name, n_micro in runs.items():
         stats = json.loads((tmp_path / f"{name}.json").read_text())
         params = load_file(tmp_path / f"{name}.safetensors")
