@@ -60,6 +60,7 @@ from buffer.trajectory import MalformedEntry, TrajectoryGroup, decode_group, enc
 log = logging.getLogger(__name__)
 
 GROUP = "learner"
+MAX_BLOCK_MS = 2000  # longest single XREADGROUP BLOCK; pull() loops for longer waits
 DEAD_RAW_BYTES = 64 * 1024  # a dead letter keeps this much of the raw payload: enough to debug, bounded
 
 
@@ -231,14 +232,16 @@ class StalenessBuffer:
         deadline = time.monotonic() + block_ms / 1000
         while len(out) < n_groups:
             left_ms = int((deadline - time.monotonic()) * 1000)
+            # one blocking read stays well under the client's socket timeout (5 s), which would otherwise cut
+            # it and have it retried as a lost connection
             resp = self.r.xreadgroup(
                 GROUP, consumer, {self.k_stream: ">"}, count=max(n_groups - len(out), 1),
-                block=left_ms if left_ms > 0 else None,
+                block=min(left_ms, MAX_BLOCK_MS) if left_ms > 0 else None,
             )
             got = resp[0][1] if resp else []
             self._ingest(got)
             out += self._serve(version, n_groups - len(out))
-            if not got or left_ms <= 0:
+            if left_ms <= 0 or (not got and left_ms <= MAX_BLOCK_MS):
                 break
         return out
 

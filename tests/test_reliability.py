@@ -391,3 +391,12 @@ def test_the_same_group_pushed_twice_is_trained_on_once(buffer_factory):
     assert again.id == first.id
     stats = buf.stats()
     assert stats.drops == {"duplicate": 1} and Counter(stats.staleness_hist) == Counter({0: 1})
+
+
+def test_a_pull_waiting_longer_than_the_socket_timeout_neither_fails_nor_misses_a_group(buffer_factory):
+    # redis-py's socket timeout is 5 s: one XREADGROUP BLOCK longer than that would be cut and retried as a
+    # lost connection until reconnect_s, then raise. pull() blocks in shorter reads instead.
+    buf = buffer_factory(policy="unbounded", capacity_groups=8)
+    assert buf.pull(1, block_ms=5500) == []
+    threading.Timer(3.0, buf.push, args=(make_group(0, gid="late"), "w")).start()
+    assert [e.group.group_id for e in buf.pull(1, block_ms=8000)] == ["late"]
