@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ def test_unknown_task_and_template_are_clear_errors() -> None:
 
 @dataclass(frozen=True)
 class EchoTask:
-    """A user task: reward 1 when the response repeats the answer; 'raise' raises, 'hang' sleeps."""
+    """A user task: reward 1 when the response repeats the answer; 'raise', 'hang', 'die', 'nan' misbehave."""
 
     name: str = "echo"
 
@@ -95,6 +96,8 @@ class EchoTask:
             raise RuntimeError("reward bug")
         if response == "hang":
             time.sleep(600)
+        if response == "die":
+            os._exit(3)  # the reward process dies mid-call
         if response == "nan":
             return float("nan")
         return float(response == prompt.answer)
@@ -119,12 +122,12 @@ def test_plugin_path_loads_user_task() -> None:
 def test_score_isolates_raising_and_hanging_rewards() -> None:
     task = EchoTask()
     p = Prompt(id="1", text="say 1", answer="1")
-    responses = ["1", "raise", "hang", "2", "nan", "1"]
+    responses = ["1", "raise", "hang", "2", "nan", "die", "1"]
     t0 = time.monotonic()
     rewards, errors = score(task, [p] * len(responses), responses, timeout_s=1.0)
     elapsed = time.monotonic() - t0
-    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert errors == 3  # raise, hang, nan
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert errors == 4  # raise, hang, nan, die
     assert elapsed < 30  # bounded: the hung call was killed, not waited for (600 s)
     # The pool recovered: the next batch scores normally.
     assert score(task, [p, p], ["1", "1"], timeout_s=1.0) == ([1.0, 1.0], 0)

@@ -35,14 +35,20 @@ STARTUP_TIMEOUT_S = 120.0
 def score(task: Task, prompts: Sequence[Prompt], responses: Sequence[str], timeout_s: float) -> tuple[list[float], int]:
     """Rewards for (prompt, response) pairs, and how many reward calls failed (raised, hung, or non-finite).
 
-    A failed call scores 0. `timeout_s` bounds each call from when it starts running.
+    A failed call scores 0. `timeout_s` bounds each call from when it starts running. Only a caller's bug
+    (lists of different lengths) raises.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if getattr(task, "reward_in_process", False):
         results = [_call(task, p, r) for p, r in zip(prompts, responses)]
     else:
-        results = _pool_for(task).run(list(zip(prompts, responses)), timeout_s)
+        try:
+            results = _pool_for(task).run(list(zip(prompts, responses)), timeout_s)
+        except Exception:  # the pool itself failed (e.g. cannot start processes): count every call, go on
+            log.exception("reward pool failed for task %r", getattr(task, "name", task))
+            _discard_pool(task)
+            results = [None] * len(prompts)
     rewards = [0.0 if v is None else v for v in results]
     return rewards, sum(v is None for v in results)
 
@@ -121,6 +127,8 @@ class RewardPool:
                     idle.append(self._replace(proc))
                     continue
                 busy[proc.conn] = (proc, i, time.monotonic() + timeout_s)
+            if not busy:
+                continue
             next_deadline = min(d for _, _, d in busy.values())
             for conn in wait(list(busy), timeout=max(0.0, next_deadline - time.monotonic())):
                 proc, i, _ = busy.pop(conn)
@@ -159,6 +167,12 @@ def _pool_for(task: Task) -> RewardPool:
     if entry is None or entry[0] is not task:
         entry = _POOLS[id(task)] = (task, RewardPool(task))
     return entry[1]
+
+
+def _discard_pool(task: Task) -> None:
+    entry = _POOLS.pop(id(task), None)
+    if entry is not None:
+        entry[1].close()
 
 
 @atexit.register
