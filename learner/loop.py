@@ -18,11 +18,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import torch
+import torch.distributed as dist
 
+from buffer.trajectory import TrajectoryGroup, decode_group, encode_group
 from learner.checkpoint import CheckpointManager
 from learner.config import LearnerConfig
 
@@ -34,6 +38,23 @@ Report = Callable[[dict[str, Any], int], None]
 
 class LearnerStarved(TimeoutError):
     """The buffer delivered no group for `starve_timeout_s`: no rollout worker is producing."""
+
+
+@dataclass(frozen=True)
+class Pulled:
+    id: str  # buffer entry id
+    group: TrajectoryGroup
+
+
+def _broadcast_bytes(payload: bytes, device) -> bytes:
+    """Rank 0's bytes on every rank (msgpack of ids and wire-format groups: nothing is pickled)."""
+    n = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    dist.broadcast(n, src=0)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return buf.cpu().numpy().tobytes()
 
 
 class Ledger:
@@ -70,7 +91,9 @@ class Ledger:
 
 
 class Learner:
-    """One data-parallel learner rank over a StalenessBuffer (single process: rank 0 pulls and acks)."""
+    """One data-parallel learner rank. Rank 0 alone talks to the buffer (pull, set_version, ack) and writes
+    the ledger; it broadcasts each batch to the other ranks, which may pass buffer=None. Checkpoints and
+    `publish` run on every rank (both are collective under ZeRO-3)."""
 
     def __init__(
         self,
@@ -101,6 +124,7 @@ class Learner:
         self.starve_timeout_s = starve_timeout_s
         self.temperature = temperature
         self.trainer = None
+        self.lead = True
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         self.ledger = Ledger(self.run_dir / "ledger.jsonl")
         self._unacked: list[str] = []  # entries used by updates not covered by a checkpoint yet
@@ -113,20 +137,31 @@ class Learner:
         from learner.trainer import Trainer  # deepspeed/transformers imports: only in the process that trains
 
         self.trainer = Trainer(self.cfg, self.model_dir, temperature=self.temperature)
+        self.lead = self.trainer.rank == 0
         state = self.checkpoints.load(self.trainer)
         if state is not None:
             # The process may have died between writing this checkpoint and acking what it covers.
-            self.buffer.ack(state.unacked_ids)
+            if self.lead:
+                self.buffer.ack(state.unacked_ids)
             self.resumed_from = self.last_checkpoint = state.version
             log.info("resumed from checkpoint v%d (%d entries acked)", state.version, len(state.unacked_ids))
-        self.buffer.set_version(self.trainer.version)
+        if self.lead:
+            self.buffer.set_version(self.trainer.version)
         return self.trainer.version
 
     @property
     def version(self) -> int:
         return self.trainer.version if self.trainer is not None else 0
 
-    def _pull_batch(self) -> list:
+    def _pull_batch(self) -> list[Pulled]:
+        entries = self._pull_local() if self.lead else []
+        if self.trainer.world_size == 1:
+            return [Pulled(e.id, e.group) for e in entries]
+        payload = msgpack.packb([[e.id, encode_group(e.group)] for e in entries]) if self.lead else b""
+        items = msgpack.unpackb(_broadcast_bytes(payload, self.trainer.device))
+        return [Pulled(i, decode_group(g)) for i, g in items]
+
+    def _pull_local(self) -> list:
         entries: list = []
         waited_since = time.monotonic()
         while len(entries) < self.batch_groups:
@@ -149,18 +184,19 @@ class Learner:
             entries = self._pull_batch()
             stats = self.trainer.step([e.group for e in entries])
             version = self.trainer.version
-            self.buffer.set_version(version)
             ids = [e.id for e in entries]
             self._unacked += ids
-            self.ledger.append(
-                {
-                    "version": version,
-                    "entry_ids": ids,
-                    "trajectory_ids": [t.id for e in entries for t in e.group.trajectories],
-                    "loss": stats["loss/value"],
-                    "resumed_from": self.resumed_from,
-                }
-            )
+            if self.lead:
+                self.buffer.set_version(version)
+                self.ledger.append(
+                    {
+                        "version": version,
+                        "entry_ids": ids,
+                        "trajectory_ids": [t.id for e in entries for t in e.group.trajectories],
+                        "loss": stats["loss/value"],
+                        "resumed_from": self.resumed_from,
+                    }
+                )
             if self.publish is not None and version % self.publish_every == 0:
                 t0 = time.perf_counter()
                 self.publish(version, self.trainer.named_tensors())
@@ -168,7 +204,7 @@ class Learner:
             if version % self.cfg.checkpoint_every == 0:
                 stats["time/checkpoint_s"] = self.checkpoint()
             self.last_stats = stats
-            if self.report is not None:
+            if self.report is not None and self.lead:
                 self.report(stats, version)
         return self.last_stats
 
@@ -177,7 +213,8 @@ class Learner:
         t0 = time.perf_counter()
         self.checkpoints.save(self.trainer, self._unacked)
         self.last_checkpoint = self.trainer.version
-        self.buffer.ack(self._unacked)
+        if self.lead:
+            self.buffer.ack(self._unacked)
         self._unacked = []
         return time.perf_counter() - t0
 
