@@ -4,6 +4,8 @@ so that `staleflow --help` stays fast and a command's heavy deps (vLLM, DeepSpee
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +49,18 @@ def resolve(args: list[str] | None):
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Redis unreachable or refusing the password: one line naming the address (never the password), exit 1."""
+    from buffer.server import RedisUnavailable
+
+    try:
+        yield
+    except RedisUnavailable as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 @config_app.command("show")
 def config_show(args: Optional[list[str]] = ARGS) -> None:
     """Print the resolved config (files merged left to right, then overrides)."""
@@ -63,7 +77,9 @@ def train(
 
     if resume is not None and not args:
         args = [str(resume / "config.yaml")]
-    raise typer.Exit(run_train(resolve(args), resume=resume))
+    with redis_errors():
+        code = run_train(resolve(args), resume=resume)
+    raise typer.Exit(code)
 
 
 @app.command("eval")
@@ -120,14 +136,10 @@ def plot(
 @buffer_app.command("stats")
 def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
     """Depth, oldest age, staleness histogram, drops and producer rates of the configured buffer."""
-    from buffer.server import RedisUnavailable
     from services.launcher import buffer_stats_json
 
-    try:
+    with redis_errors():
         typer.echo(buffer_stats_json(resolve(args)))
-    except RedisUnavailable as exc:  # its message names the address, never the password
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
 
 
 def main() -> None:  # pragma: no cover - console entry

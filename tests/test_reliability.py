@@ -267,11 +267,13 @@ def test_an_ack_whose_reply_is_lost_counts_once(lossy):
 # ---------------------------------------------------------------- 3. Redis unreachable at start
 
 
-def test_unreachable_redis_at_start_is_one_clear_line_from_the_cli():
+@pytest.mark.parametrize("command", [["buffer", "stats"], ["train"]])
+def test_unreachable_redis_at_start_is_one_clear_line_from_the_cli(command, tmp_path):
     port, secret = _free_port(), "hunter2-Secret-do-not-print"
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "buffer", "stats", f"buffer.redis_url=redis://127.0.0.1:{port}/0"],
-        cwd=ROOT, env={**os.environ, "STALEFLOW_REDIS_PASSWORD": secret}, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(  # in tmp_path: `train` makes its run directory under the working directory
+        [sys.executable, "-m", "services.cli", *command, f"buffer.redis_url=redis://127.0.0.1:{port}/0"],
+        cwd=tmp_path, env={**os.environ, "STALEFLOW_REDIS_PASSWORD": secret, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0
     err = proc.stderr.strip()
