@@ -71,7 +71,10 @@ def build_rows(
     zero_groups = 0
     for group in groups:
         rewards = torch.tensor([[t.reward for t in group.trajectories]], dtype=torch.float32)
-        adv, zero = advantage_fn(rewards)
+        if rewards.shape[1] < 2:  # a lone response has no group baseline: no signal, like an all-equal group
+            adv, zero = torch.zeros_like(rewards), 1
+        else:
+            adv, zero = advantage_fn(rewards)
         zero_groups += int(zero)
         for t, a in zip(group.trajectories, adv[0].tolist()):
             if len(t.prompt_ids) == 0:

@@ -199,8 +199,10 @@ class Learner:
                 )
             if self.publish is not None and version % self.publish_every == 0:
                 t0 = time.perf_counter()
-                self.publish(version, self.trainer.named_tensors())
+                published = self.publish(version, self.trainer.named_tensors())
                 stats["weights/publish_s"] = time.perf_counter() - t0
+                if isinstance(published, dict):  # the publisher's own figures (bytes, buckets, ...)
+                    stats.update({f"weights/{k}": v for k, v in published.items() if isinstance(v, (int, float))})
             if version % self.cfg.checkpoint_every == 0:
                 stats["time/checkpoint_s"] = self.checkpoint()
             self.last_stats = stats

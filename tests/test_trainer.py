@@ -69,6 +69,14 @@ def test_empty_prompt_is_refused():
         build_rows([group], 0, grpo_advantages)
 
 
+def test_a_lone_response_counts_as_a_zero_group():
+    group = make_groups(1)[0]
+    group = group.model_copy(update={"trajectories": group.trajectories[:1]})
+    rows, zero_groups = build_rows([group, *make_groups(2, seed=1)], 0, grpo_advantages)
+    assert zero_groups == 1 and rows[0].advantage == 0.0
+    assert any(r.advantage != 0.0 for r in rows[1:])
+
+
 def _budget_for(rows, k: int) -> int:
     return next(b for b in range(max(r.length for r in rows), 10**5) if len(plan_micro_batches(rows, b)) == k)
 
