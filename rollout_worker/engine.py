@@ -12,8 +12,9 @@ Design choices (measured / read in vLLM 0.32):
   learner's `log_softmax(logits)` at temperature 1. With logprobs=0 vLLM returns exactly the sampled token.
   Note: when temperature != 1 (or top_p < 1) the tokens are drawn from the processed distribution; these
   log-probs are still the policy's, which is what M2PO's importance ratios need.
-- The n samples of a prompt are n requests with n=1 each (vLLM fans `n` out into child requests the same way),
-  so every request id names one sample and an interrupted sample can be continued on its own.
+- The n samples of a prompt are one request with SamplingParams(n) (vLLM processes the prompt once and fans out
+  child requests); outputs stream as per-step deltas keyed by (request id, child index), so an interrupted
+  sample keeps what it has and is continued on its own as an n=1 request.
 - Seeding: one engine-level seed. A per-request `SamplingParams.seed` would make the n samples of a prompt
   identical (each child gets the same seed), so it is never set.
 """
@@ -129,28 +130,35 @@ class VLLMEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def _params(self, temperature: float, max_tokens: int):
+    def _params(self, n: int, temperature: float, max_tokens: int, stream: bool):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(
-            n=1,
+            n=n,
             temperature=temperature,
             top_p=self.cfg.top_p if temperature > 0 else 1.0,
             max_tokens=max_tokens,
             stop=list(self.cfg.stop) or None,
             logprobs=0,
-            output_kind=RequestOutputKind.DELTA,
+            # Partial rollouts stream each step's new tokens (an interruption keeps them); otherwise only the
+            # final outputs, as LLM.generate does (per-step outputs cost ~10% on small models).
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    def _add(self, running: dict[str, _Running], item: _Running, temperature: float, max_tokens: int) -> None:
+    def _add(self, running: dict[tuple[str, int], _Running], items: list[_Running], temperature: float,
+             max_tokens: int, stream: bool) -> None:
+        """One vLLM request for `items` (samples sharing one prefix): vLLM fans n out into child requests
+        after processing the prompt once. Child `i` (CompletionOutput.index) is items[i]."""
         from vllm.inputs import TokensPrompt
 
         rid = f"s{self._next_id}"
         self._next_id += 1
-        prompt = item.prompt + item.sample.token_ids  # a continued sample resumes after what it has
-        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), self._params(temperature, max_tokens))
-        running[rid] = item
+        prompt = items[0].prompt + items[0].sample.token_ids  # a continued sample resumes after what it has
+        params = self._params(len(items), temperature, max_tokens, stream)
+        self._engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
+        for i, item in enumerate(items):
+            running[(rid, i)] = item
 
     def generate(
         self,
@@ -165,10 +173,10 @@ class VLLMEngine:
         """n samples for each prompt, in prompt order. Defaults come from the RolloutConfig.
 
         poll_weights (partial rollouts): asked at most every `poll_every_s` between engine steps; when it
-        returns (weights, version) the unfinished requests are aborted, the weights loaded, and each request
-        resubmitted as prompt + its tokens so far with the remaining token budget: the continuation's tokens
-        carry the new version. Known limits: a stop string straddling the interruption is not detected, and the
-        continuation re-prefills the prefix under the new weights (its KV cache is recomputed, as it must be).
+        returns (weights, version) the unfinished requests are aborted, the weights loaded, and each unfinished
+        sample resubmitted as prompt + its tokens so far with the remaining token budget: the continuation's
+        tokens carry the new version. Known limits: a stop string straddling the interruption is not detected,
+        and the continuation re-prefills its prefix under the new weights (the old KV cache is invalid anyway).
         """
         n = self.cfg.n if n is None else n
         temperature = self.cfg.temperature if temperature is None else temperature
@@ -176,23 +184,21 @@ class VLLMEngine:
         if self._engine.has_unfinished_requests():
             raise RuntimeError("generate() is not re-entrant: the engine still has requests")
 
-        groups: list[list[Sample]] = [[] for _ in prompt_token_ids]
-        running: dict[str, _Running] = {}
+        groups: list[list[Sample]] = []
+        running: dict[tuple[str, int], _Running] = {}
         for g, prompt in enumerate(prompt_token_ids):
-            for _ in range(n):
-                item = _Running(list(prompt), g)
-                groups[g].append(item.sample)
-                self._add(running, item, temperature, max_tokens)
+            items = [_Running(list(prompt), g) for _ in range(n)]
+            groups.append([item.sample for item in items])
+            self._add(running, items, temperature, max_tokens, stream=poll_weights is not None)
 
         last_poll = time.monotonic()
         while running:
             for out in self._engine.step():
-                item = running.get(out.request_id)
-                if item is None:
-                    continue
-                done = self._absorb(item.sample, out)
-                if done:
-                    del running[out.request_id]
+                for comp in out.outputs:
+                    key = (out.request_id, comp.index)
+                    item = running.get(key)
+                    if item is not None and self._absorb(item.sample, comp):
+                        del running[key]
             if poll_weights is not None and running and time.monotonic() - last_poll >= poll_every_s:
                 last_poll = time.monotonic()
                 update = poll_weights()
@@ -200,25 +206,26 @@ class VLLMEngine:
                     self._interrupt_and_reload(running, update, temperature, max_tokens)
         return groups
 
-    def _absorb(self, sample: Sample, out) -> bool:
-        """Append one step's delta of a request to its sample; True when the request finished."""
-        comp = out.outputs[0]
+    def _absorb(self, sample: Sample, comp) -> bool:
+        """Append a sample's new tokens (one step's delta, or all of them at the end); True when it finished."""
         ids = list(comp.token_ids)
         sample.token_ids += ids
         # logprobs=0: each position's dict holds exactly the sampled token.
         sample.logprobs += [step[tok].logprob for tok, step in zip(ids, comp.logprobs or [])]
         sample.versions += [self.version] * len(ids)
         sample.text += comp.text
-        if out.finished:
-            sample.finish_reason = comp.finish_reason or "length"
         if len(sample.logprobs) != len(sample.token_ids):
             raise RuntimeError(f"vLLM returned {len(sample.logprobs)} log-probs for {len(sample.token_ids)} tokens")
-        return out.finished
+        if comp.finish_reason is None:
+            return False
+        sample.finish_reason = comp.finish_reason
+        return True
 
-    def _interrupt_and_reload(self, running: dict[str, _Running], update, temperature: float, max_tokens: int):
+    def _interrupt_and_reload(self, running: dict[tuple[str, int], _Running], update, temperature: float,
+                              max_tokens: int) -> None:
         weights, version = update
-        self._engine.abort_request(list(running))
-        # Flush the aborted requests' final outputs so the engine is idle before the weights change.
+        self._engine.abort_request(sorted({rid for rid, _ in running}))  # a parent id aborts its children
+        # Flush the aborted requests so the engine is idle before the weights change under it.
         while self._engine.has_unfinished_requests():
             self._engine.step()
         self.update_weights(weights, version)
@@ -227,7 +234,9 @@ class VLLMEngine:
         for item in items:
             left = max_tokens - len(item.sample.token_ids)
             if left > 0:
-                self._add(running, item, temperature, left)
+                self._add(running, [item], temperature, left, stream=True)
+            else:
+                item.sample.finish_reason = "length"
 
     def close(self) -> None:
         """Free the engine (its KV cache and model). The process can build another one afterwards."""

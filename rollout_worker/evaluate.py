@@ -7,8 +7,7 @@ from pathlib import Path
 
 from rollout_worker.config import RolloutConfig, TaskConfig
 from rollout_worker.engine import GenerationEngine, build_engine
-from rollout_worker.tasks.base import Task
-from rollout_worker.tasks.scoring import score
+from rollout_worker.tasks import Task, load_task, score
 
 
 def evaluate(engine: GenerationEngine, task: Task, n: int = 1, temperature: float | None = None,
@@ -38,8 +37,6 @@ def evaluate(engine: GenerationEngine, task: Task, n: int = 1, temperature: floa
 def run_eval(model_dir: str | Path, task_cfg: TaskConfig, rollout_cfg: RolloutConfig, n: int = 1,
              out: str | Path | None = None) -> dict:
     """Build an engine on `model_dir`, evaluate on the task's eval prompts, write JSON to `out` if given."""
-    from rollout_worker.tasks import load_task
-
     task = load_task(task_cfg)
     engine = build_engine(str(model_dir), rollout_cfg)
     try:

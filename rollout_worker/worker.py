@@ -14,6 +14,7 @@ The worker imports nothing of services: the registry, the buffer and the metrics
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -28,8 +29,7 @@ from buffer.redis_buffer import Admission, StalenessBuffer
 from buffer.trajectory import Trajectory, TrajectoryGroup
 from rollout_worker.config import RolloutConfig, TaskConfig
 from rollout_worker.engine import GenerationEngine, Sample
-from rollout_worker.tasks.base import Prompt, Task
-from rollout_worker.tasks.scoring import score
+from rollout_worker.tasks import Prompt, Task, score
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class RolloutWorker:
         fetch: Fetch,
         report: Report | None = None,
         admit_wait_s: float = 1.0,
+        prompts: Iterator[Prompt] | None = None,
     ):
         self.engine = engine
         self.task = task
@@ -65,8 +66,9 @@ class RolloutWorker:
         self.admit_wait_s = admit_wait_s
         self.step = 0
         self._stop = threading.Event()
-        # Each worker its own prompt stream (a stable function of the run seed and its id).
-        self._prompts: Iterator[Prompt] = task.train_prompts(task_cfg.seed * 1_000_003 + zlib.crc32(worker_id.encode()))
+        # Each worker its own prompt stream (a stable function of the run seed and its id), unless handed one.
+        seed = task_cfg.seed * 1_000_003 + zlib.crc32(worker_id.encode())
+        self._prompts: Iterator[Prompt] = prompts if prompts is not None else task.train_prompts(seed)
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
@@ -139,7 +141,13 @@ class RolloutWorker:
                 return False
 
         t0 = time.perf_counter()
-        prompts = [next(self._prompts) for _ in range(adm.granted)]
+        prompts = list(itertools.islice(self._prompts, adm.granted))
+        if len(prompts) < adm.granted:  # a finite prompt stream ran out: this is the last batch
+            log.info("worker %s: prompt stream exhausted", self.worker_id)
+            self._stop.set()
+            if not prompts:
+                self.buffer.release(self.worker_id)
+                return False
         prompt_ids = self.engine.tokenize([p.text for p in prompts])
         version_at_start = self.engine.version
         # Partial rollouts make no sense when the admission pins the version (fixed policy).
@@ -159,10 +167,13 @@ class RolloutWorker:
                                    t_gen, t_gen_end))
             k += len(samples)
         self.buffer.push_many(out, self.worker_id)
+        if len(prompts) < adm.granted:
+            self.buffer.release(self.worker_id)  # the grants we had no prompts for
 
         batch_s = time.perf_counter() - t0
         n_tokens = sum(len(s.token_ids) for s in flat_samples)
         metrics.update({
+            "rollout/tokens": n_tokens,
             "rollout/tokens_per_s": n_tokens / batch_s if batch_s > 0 else 0.0,
             "rollout/batch_s": batch_s,
             "rollout/groups": len(out),

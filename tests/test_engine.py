@@ -159,3 +159,22 @@ def test_partial_rollout_continues_under_the_new_weights(engine, hf_a, hf_b, pro
             torch.testing.assert_close(torch.tensor(s.logprobs[k:]),
                                        hf_logprobs(hf_b, prompt + s.token_ids[:k], s.token_ids[k:]), atol=1e-3, rtol=0)
     assert switched > 0, "no sample outlived the first step: the interruption was not exercised"
+
+
+def test_evaluate_greedy_accuracy_is_transformers_greedy_accuracy(engine, hf_a):
+    from rollout_worker.evaluate import evaluate
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(eval_size=24)
+    load(engine, hf_a, 0)
+    result = evaluate(engine, task, n=1)
+    tok = engine._tokenizer
+    correct = 0
+    for p in task.eval_prompts():
+        ids = tok.encode(p.text)
+        correct += task.reward(p, tok.decode(hf_greedy(hf_a, ids, engine.cfg.max_tokens), skip_special_tokens=True))
+    assert result["num_prompts"] == 24 and result["n"] == 1 and result["reward_errors"] == 0
+    assert result["accuracy"] == pytest.approx(correct / 24)
+
+    sampled = evaluate(engine, task, n=3, temperature=1.0)
+    assert sampled["n"] == 3 and sampled["num_prompts"] == 24 and 0.0 <= sampled["accuracy"] <= 1.0
