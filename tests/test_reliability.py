@@ -402,3 +402,15 @@ def test_a_pull_waiting_longer_than_the_socket_timeout_neither_fails_nor_misses_
     assert buf.pull(1, block_ms=5500) == []
     threading.Timer(3.0, buf.push, args=(make_group(0, gid="late"), "w")).start()
     assert [e.group.group_id for e in buf.pull(1, block_ms=8000)] == ["late"]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_embedded_redis_restarts_on_its_port_with_its_password_and_data(tmp_path, hard):
+    with EmbeddedRedis(data_dir=tmp_path, aof=True, appendfsync="always") as server:
+        url, password, pid = server.url, server.password, server.proc.pid
+        client = connect(url, password, reconnect_s=15)
+        client.set("kept", b"1")
+        server.restart(hard=hard)
+        assert (server.url, server.password) == (url, password) and server.proc.pid != pid
+        assert client.get("kept") == b"1"  # the same client object: it reconnected by itself
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
