@@ -21,6 +21,8 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +38,21 @@ log = logging.getLogger(__name__)
 GetLatest = Callable[[], int]
 Fetch = Callable[[int], Iterable[tuple[str, torch.Tensor]]]
 Report = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class _Batch:
+    """A generated batch on its way to the buffer."""
+
+    metrics: dict[str, float]
+    adm: Admission
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    groups: list[list[Sample]]
+    version: int  # the engine's version when generation began
+    t0: float  # perf_counter at generation start
+    t_start: float  # wall clock, for the trajectories
+    t_end: float
 
 
 class RolloutWorker:
@@ -76,16 +93,40 @@ class RolloutWorker:
         self._stop.set()
 
     def run(self, max_batches: int | None = None) -> int:
-        """Generate and push batches until stop() or `max_batches`. Returns the number of batches pushed."""
+        """Generate and push batches until stop() or `max_batches`. Returns the number of batches pushed.
+
+        Two-stage pipeline: while batch k is scored, packed and pushed on a helper thread, batch k+1 is already
+        being admitted and generated (at most one batch in flight behind the engine). An error in the push
+        stage (BufferFull, Redis down) surfaces here at the next batch boundary."""
         self._stop.clear()
         returned = self.buffer.release(self.worker_id)  # grants a previous incarnation never used
         if returned:
             log.info("worker %s: released %d grants of a previous incarnation", self.worker_id, returned)
-        done = 0
-        while not self._stop.is_set() and (max_batches is None or done < max_batches):
-            if self.run_batch():
-                done += 1
+        started = done = 0
+        pending: Future | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix=f"rollout-push-{self.worker_id}") as pool:
+            try:
+                while not self._stop.is_set() and (max_batches is None or started < max_batches):
+                    batch = self._generate()
+                    if pending is not None:
+                        pending.result()
+                        done, pending = done + 1, None
+                    if batch is not None:
+                        started += 1
+                        pending = pool.submit(self._finish, batch)
+            finally:
+                if pending is not None:
+                    pending.result()
+                    done += 1
         return done
+
+    def run_batch(self) -> bool:
+        """One admitted batch, generated, scored and pushed, synchronously. False if nothing was pushed."""
+        batch = self._generate()
+        if batch is None:
+            return False
+        self._finish(batch)
+        return True
 
     # ------------------------------------------------------------------ one batch
     def _load(self, version: int, metrics: dict[str, float]) -> bool:
@@ -123,8 +164,8 @@ class RolloutWorker:
         finally:
             metrics["rollout/idle_s"] = time.perf_counter() - t0
 
-    def run_batch(self) -> bool:
-        """One admitted batch, generated, scored and pushed. False if nothing was pushed."""
+    def _generate(self) -> _Batch | None:
+        """Weights, admission, prompts, generation. None if nothing was generated (stopped, or no prompts)."""
         metrics: dict[str, float] = {}
         fixed = self.buffer.cfg.policy == "fixed"
         latest = self._latest()
@@ -133,12 +174,12 @@ class RolloutWorker:
 
         adm = self._admit(metrics)
         if adm is None:
-            return False
+            return None
         if adm.required_version is not None and adm.required_version != self.engine.version:
             if not self._load(adm.required_version, metrics):
                 self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
                 self.report(metrics, self.step)
-                return False
+                return None
 
         t0 = time.perf_counter()
         prompts = list(itertools.islice(self._prompts, adm.granted))
@@ -147,45 +188,45 @@ class RolloutWorker:
             self._stop.set()
             if not prompts:
                 self.buffer.release(self.worker_id)
-                return False
+                return None
         prompt_ids = self.engine.tokenize([p.text for p in prompts])
-        version_at_start = self.engine.version
+        version = self.engine.version
         # Partial rollouts make no sense when the admission pins the version (fixed policy).
         poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
-        t_gen = time.time()
+        t_start = time.time()
         groups = self.engine.generate(prompt_ids, poll_weights=poll)
-        t_gen_end = time.time()
+        metrics["rollout/generate_s"] = time.perf_counter() - t0
+        if latest is not None:
+            metrics["rollout/version_lag"] = max(0, latest - version)
+        return _Batch(metrics, adm, prompts, prompt_ids, groups, version, t0, t_start, time.time())
 
-        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
-        flat_samples = [s for g in groups for s in g]
+    def _finish(self, b: _Batch) -> None:
+        """Score, pack and push one generated batch, then report its metrics."""
+        flat_prompts = [p for p, g in zip(b.prompts, b.groups) for _ in g]
+        flat_samples = [s for g in b.groups for s in g]
         rewards, errors = self._score(flat_prompts, flat_samples)
-
         out: list[TrajectoryGroup] = []
         k = 0
-        for prompt, ids, samples in zip(prompts, prompt_ids, groups):
-            out.append(self._group(prompt, ids, samples, rewards[k : k + len(samples)], adm, version_at_start,
-                                   t_gen, t_gen_end))
+        for prompt, ids, samples in zip(b.prompts, b.prompt_ids, b.groups):
+            out.append(self._group(prompt, ids, samples, rewards[k : k + len(samples)], b))
             k += len(samples)
         self.buffer.push_many(out, self.worker_id)
-        if len(prompts) < adm.granted:
+        if len(b.prompts) < b.adm.granted:
             self.buffer.release(self.worker_id)  # the grants we had no prompts for
 
-        batch_s = time.perf_counter() - t0
         n_tokens = sum(len(s.token_ids) for s in flat_samples)
-        metrics.update({
+        gen_s = b.metrics["rollout/generate_s"]
+        b.metrics.update({
             "rollout/tokens": n_tokens,
-            "rollout/tokens_per_s": n_tokens / batch_s if batch_s > 0 else 0.0,
-            "rollout/batch_s": batch_s,
+            "rollout/tokens_per_s": n_tokens / gen_s if gen_s > 0 else 0.0,  # generation rate of this batch
+            "rollout/batch_s": time.perf_counter() - b.t0,  # this batch's latency: generation to pushed
             "rollout/groups": len(out),
-            "rollout/version": version_at_start,
+            "rollout/version": b.version,
             "rollout/reward_errors": errors,
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
         })
-        if latest is not None:
-            metrics["rollout/version_lag"] = max(0, latest - version_at_start)
-        self.report(metrics, self.step)
+        self.report(b.metrics, self.step)
         self.step += 1
-        return True
 
     def _poll_weights(self):
         """Partial rollouts: the newest weights if they are newer than the engine's, else None."""
@@ -204,7 +245,7 @@ class RolloutWorker:
         return [float(r) for r in rewards], int(errors)
 
     def _group(self, prompt: Prompt, prompt_ids: list[int], samples: list[Sample], rewards: list[float],
-               adm: Admission, version: int, t_start: float, t_end: float) -> TrajectoryGroup:
+               b: _Batch) -> TrajectoryGroup:
         group_id = uuid.uuid4().hex
         trajs = [
             Trajectory.make(
@@ -213,14 +254,14 @@ class RolloutWorker:
                 response_ids=np.asarray(s.token_ids, dtype=np.int32),
                 behaviour_logp=np.asarray(s.logprobs, dtype=np.float32),
                 versions=np.asarray(s.versions, dtype=np.int32) if s.token_ids else None,
-                version=version,
+                version=b.version,
                 reward=r,
                 finish_reason=s.finish_reason,
                 worker_id=self.worker_id,
-                t_start=t_start,
-                t_end=t_end,
+                t_start=b.t_start,
+                t_end=b.t_end,
                 meta={"prompt_id": prompt.id},
             )
             for s, r in zip(samples, rewards)
         ]
-        return TrajectoryGroup(group_id=group_id, trajectories=trajs, slot=adm.slot)
+        return TrajectoryGroup(group_id=group_id, trajectories=trajs, slot=b.adm.slot)
