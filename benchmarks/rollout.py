@@ -7,9 +7,9 @@ worker: RolloutWorker.run() on the tiny CPU model: admission + prompt tokenisati
 embedded Redis. baseline: `llm.generate(prompts, SamplingParams(n, temperature, max_tokens, logprobs=0))` on the
 same prompt list, one call per batch of groups_per_batch prompts (the engine's LLM object, so the same
 weights and threads). Tokens = sampled response tokens.
-Headline ratio: worker_vs_vllm_generate_median_of_rounds. Also: an in-place weight update (the full state dict through the worker extension + prefix-cache reset) timed
-against one baseline batch. Every round runs both back to back (the machine is shared); figures are medians.
-Prints JSON.
+Headline ratio: worker_vs_vllm_generate_median_of_rounds. Also: an in-place weight update (the full
+state dict through the worker extension + prefix-cache reset) timed against one baseline batch. Every round
+runs both back to back (the machine is shared); figures are medians. Prints JSON.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class RolloutConfig(BaseModel):
     stop: list[str] = Field(default_factory=list)
     groups_per_batch: int = Field(8, ge=1, description="Prompts a worker generates per engine call.")
     partial: bool = Field(False, description="Interrupt generation to load newer weights mid-batch.")
+    partial_poll_s: float = Field(0.05, ge=0, description="partial: ask the registry for a newer version this often.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enforce_eager: bool = True
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)

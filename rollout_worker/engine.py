@@ -172,11 +172,11 @@ class VLLMEngine:
     ) -> list[list[Sample]]:
         """n samples for each prompt, in prompt order. Defaults come from the RolloutConfig.
 
-        poll_weights (partial rollouts): asked at most every `poll_every_s` between engine steps; when it
-        returns (weights, version) the unfinished requests are aborted, the weights loaded, and each unfinished
-        sample resubmitted as prompt + its tokens so far with the remaining token budget: the continuation's
-        tokens carry the new version. Known limits: a stop string straddling the interruption is not detected,
-        and the continuation re-prefills its prefix under the new weights (the old KV cache is invalid anyway).
+        poll_weights (partial rollouts): asked at most every `poll_every_s` (rollout.partial_poll_s) between
+        engine steps; when it returns (weights, version) the unfinished requests are aborted, the weights loaded,
+        and each unfinished sample resubmitted as prompt + its tokens so far with the remaining token budget: the
+        continuation's tokens carry the new version. Known limits: a stop string straddling the interruption is
+        not detected, and the continuation re-prefills its prefix under the new weights.
         """
         n = self.cfg.n if n is None else n
         temperature = self.cfg.temperature if temperature is None else temperature

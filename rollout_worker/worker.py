@@ -194,7 +194,9 @@ class RolloutWorker:
         # Partial rollouts make no sense when the admission pins the version (fixed policy).
         poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
         t_start = time.time()
-        groups = self.engine.generate(prompt_ids, poll_weights=poll)
+        groups = self.engine.generate(prompt_ids, self.cfg.n, temperature=self.cfg.temperature,
+                                      max_tokens=self.cfg.max_tokens, poll_weights=poll,
+                                      poll_every_s=self.cfg.partial_poll_s)
         metrics["rollout/generate_s"] = time.perf_counter() - t0
         if latest is not None:
             metrics["rollout/version_lag"] = max(0, latest - version)

@@ -154,3 +154,32 @@ def test_fixed_policy_generates_with_the_version_the_admission_names(engine, buf
     groups = stream_groups(buf)
     assert len(groups) == 2
     assert all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
+
+
+def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollout_cfg, model_dir):
+    """rollout.partial: a version published while the batch generates is loaded mid-batch; the samples that
+    were still running carry both versions, old tokens first."""
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    # Long samples (temperature 2 rarely hits <eos>), and a poll after every engine step.
+    cfg = rollout_cfg.model_copy(update={"partial": True, "partial_poll_s": 0.0, "max_tokens": 48, "temperature": 2.0})
+    buf = buffer_factory(policy="unbounded")
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+
+    class Publishing(Registry):
+        calls = 0
+
+        def get_latest(self):  # the pre-batch check sees 0; every poll during generation sees 1
+            self.calls += 1
+            return 0 if self.calls == 1 else 1
+
+    registry = Publishing(model_dir)
+    worker = make_worker(engine, ArithmeticTask(), buf, cfg, registry, [], worker_id="partial")
+    assert worker.run_batch()
+    assert registry.fetched == [1] and engine.version == 1
+    trajs = [t for g in stream_groups(buf) for t in g.trajectories]
+    mixed = [t for t in trajs if t.version_min == 0 and t.version_max == 1]
+    assert mixed, "no sample spanned the update"
+    for t in trajs:
+        assert (np.diff(t.versions) >= 0).all() and np.isfinite(t.behaviour_logp).all()
+        assert len(t.response_ids) <= 48
