@@ -129,7 +129,13 @@ PUSH_LUA = """
 -- payload itself never passes through Lua: copying 100 KB into the script cost more than the XADD).
 -- KEYS: stream, grants(worker), state, slots, producers, workers ; ARGV: worker, slot, capacity, policy
 -- Returns 1, or false when the stream was already full: then the XADD is undone and the caller retries later.
-if redis.call('XLEN', KEYS[1]) > tonumber(ARGV[3]) then
+-- Capacity bounds the BACKLOG: entries not yet delivered to the learner. Delivered entries stay in the stream until
+-- the checkpoint that covers their update acks them; counting them would deadlock a learner that checkpoints less
+-- often than capacity / batch_groups updates (it waits for data that cannot be pushed).
+local backlog = redis.call('XLEN', KEYS[1])
+local pel = redis.pcall('XPENDING', KEYS[1], 'learner')  -- O(1) summary; an error before the group exists
+if type(pel) == 'table' and pel.err == nil then backlog = backlog - tonumber(pel[1]) end
+if backlog > tonumber(ARGV[3]) then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   redis.call('XDEL', KEYS[1], last[1][1])
   return false
