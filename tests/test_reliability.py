@@ -110,7 +110,9 @@ def test_redis_killed_and_restarted_under_load_loses_and_duplicates_nothing(tmp_
             server.restart()  # graceful this time (SHUTDOWN NOSAVE)
             for p in procs:
                 p.join(240)
-            assert [p.exitcode for p in procs] == [0] * len(procs)
+            progress = {"acked": acked(), "consumed": len(_lines(consumed_log)),
+                        "stats": StalenessBuffer(connect(server.url, server.password), cfg).stats().model_dump()}
+            assert [p.exitcode for p in procs] == [0] * len(procs), progress
         finally:
             for p in procs:
                 if p.is_alive():
@@ -121,7 +123,7 @@ def test_redis_killed_and_restarted_under_load_loses_and_duplicates_nothing(tmp_
         consumed = [gid for gid, _ in _lines(consumed_log)]
         assert len(produced) == total == len(set(produced))
         assert before_crash <= set(consumed)  # acknowledged before the crash: still there after it
-        assert sorted(consumed) == sorted(produced)  # nothing lost, nothing trained on twice
+        assert sorted(consumed) == sorted(produced), progress  # nothing lost, nothing trained on twice
 
         buf = StalenessBuffer(connect(server.url, server.password), cfg)
         stats = buf.stats()
