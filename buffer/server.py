@@ -126,6 +126,9 @@ def _free_port() -> int:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    # Its own session: a terminal's Ctrl-C goes to the foreground process group, and Redis must outlive it until
+    # the run has checkpointed (the owner stops it afterwards; if the owner dies, PDEATHSIG stops it).
+    os.setsid()
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[int, Iterable[tuple[str, torch.Tensor]]], Any]
 Report = Callable[[dict[str, Any], int], None]
+
+
+class LearnerStopped(Exception):
+    """stop() was called while the learner waited for data: the update in progress is abandoned (its groups stay
+    unacknowledged in the buffer and are delivered again to the next run)."""
 
 
 class LearnerStarved(TimeoutError):
@@ -131,6 +137,7 @@ class Learner:
         self.resumed_from: int | None = None
         self.last_checkpoint: int | None = None
         self.last_stats: dict[str, Any] = {}
+        self._stop = threading.Event()  # set from another thread (a threaded Ray actor) to end train() early
 
     def setup(self) -> int:
         """Build the engine, resume from the newest checkpoint if any. Returns the policy version."""
@@ -165,6 +172,8 @@ class Learner:
         entries: list = []
         waited_since = time.monotonic()
         while len(entries) < self.batch_groups:
+            if self._stop.is_set():
+                raise LearnerStopped(f"stopped while waiting for data ({len(entries)}/{self.batch_groups} groups)")
             got = self.buffer.pull(self.batch_groups - len(entries), consumer=self.consumer, block_ms=self.pull_block_ms)
             entries += got
             if got:
@@ -181,7 +190,11 @@ class Learner:
         if self.trainer is None:
             raise RuntimeError("call setup() first")
         for _ in range(n_steps):
-            entries = self._pull_batch()
+            try:
+                entries = self._pull_batch()
+            except LearnerStopped as stopped:
+                log.info("learner: %s", stopped)
+                break
             stats = self.trainer.step([e.group for e in entries])
             version = self.trainer.version
             ids = [e.id for e in entries]
@@ -209,6 +222,10 @@ class Learner:
             if self.report is not None and self.lead:
                 self.report(stats, version)
         return self.last_stats
+
+    def stop(self) -> None:
+        """End a train() that waits for data (its current update is abandoned, nothing is lost). Thread-safe."""
+        self._stop.set()
 
     def checkpoint(self) -> float:
         """Write a checkpoint of the current version, then ack what it covers. Returns the seconds it took."""

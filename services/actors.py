@@ -71,6 +71,10 @@ class LearnerActor:
     def train(self, n_steps: int) -> dict[str, Any]:
         return self.learner.train(n_steps)
 
+    def stop(self) -> None:
+        """Ends a train() waiting for data (called on a second thread: the actor runs with max_concurrency=2)."""
+        self.learner.stop()
+
     def checkpoint(self) -> int:
         if self.learner.last_checkpoint != self.learner.version:
             self.learner.checkpoint()

@@ -101,6 +101,7 @@ class Run:
         self.learner = (
             ray.remote(LearnerActor)
             .options(
+                max_concurrency=2,  # stop() must reach a train() that waits for data
                 num_cpus=0 if gpu else cfg.learner.cpu_threads,
                 num_gpus=cfg.learner.gpus,
                 runtime_env={"env_vars": actor_env(cfg, cfg.learner.cpu_threads)},
@@ -126,6 +127,7 @@ class Run:
         self.restarts = 0
         self.evals: list[dict[str, Any]] = []
         self._eval_ref: ray.ObjectRef | None = None
+        self._train_ref: ray.ObjectRef | None = None  # the update in flight, if any
 
     def start(self) -> int:
         version = ray.get(self.learner.setup.remote())
@@ -162,10 +164,11 @@ class Run:
 
     def train(self, display: TrainDisplay, version: int, total: int) -> int:
         while version < total:
-            ref = self.learner.train.remote(1)
+            self._train_ref = ref = self.learner.train.remote(1)
             while not ray.wait([ref], timeout=1.0)[0]:
                 self.watch_workers()
             stats = ray.get(ref)
+            self._train_ref = None
             version = int(stats.get("policy/version", version + 1))
             values = dict(stats)
             buffer_values = buffer_metrics(self.buffer.stats())
@@ -191,6 +194,9 @@ class Run:
 
         for w in self.workers:
             w.stop.remote()
+        if self._train_ref is not None:  # an update waiting for data that no worker will now produce
+            self.learner.stop.remote()
+            ray.wait([self._train_ref], timeout=120)
         if self.runs:
             ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
         attempt("checkpoint", lambda: summary.update(version=ray.get(self.learner.checkpoint.remote(), timeout=300)))
