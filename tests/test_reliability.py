@@ -99,7 +99,10 @@ def test_redis_killed_and_restarted_under_load_loses_and_duplicates_nothing(tmp_
             p.start()
         try:
             acked = lambda: sum(len(_lines(p)) for p in logs)  # noqa: E731
-            _wait_for(lambda: acked() >= 40, 120, "the first pushes")
+            # every process connected and working first: one that *starts* while Redis is down fails fast by
+            # design (connect() does not retry a first contact), which is not what this test is about
+            _wait_for(lambda: acked() >= 40 and all(_lines(p) for p in logs) and _lines(consumed_log), 180,
+                      "every producer and the learner at work")
             server.proc.kill()  # a crash: no SHUTDOWN, no final fsync beyond appendfsync always
             server.proc.wait(5)
             before_crash = {gid for p in logs for gid, _ in _lines(p)}  # Redis is down: this cannot grow now
