@@ -186,10 +186,14 @@ class VLLMEngine:
 
         groups: list[list[Sample]] = []
         running: dict[tuple[str, int], _Running] = {}
-        for g, prompt in enumerate(prompt_token_ids):
-            items = [_Running(list(prompt), g) for _ in range(n)]
-            groups.append([item.sample for item in items])
-            self._add(running, items, temperature, max_tokens, stream=poll_weights is not None)
+        try:
+            for g, prompt in enumerate(prompt_token_ids):
+                items = [_Running(list(prompt), g) for _ in range(n)]
+                groups.append([item.sample for item in items])
+                self._add(running, items, temperature, max_tokens, stream=poll_weights is not None)
+        except Exception:  # e.g. a prompt longer than max_model_len: leave the engine idle, not half-loaded
+            self._engine.abort_request(sorted({rid for rid, _ in running}))
+            raise
 
         last_poll = time.monotonic()
         while running:

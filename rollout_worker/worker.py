@@ -190,6 +190,17 @@ class RolloutWorker:
                 self.buffer.release(self.worker_id)
                 return None
         prompt_ids = self.engine.tokenize([p.text for p in prompts])
+        fits = [len(ids) < self.cfg.max_model_len for ids in prompt_ids]
+        if not all(fits):  # vLLM refuses a prompt that fills the context: drop it, count it, return its grant
+            metrics["rollout/prompts_too_long"] = fits.count(False)
+            log.warning("worker %s: dropped %d prompts of >= %d tokens", self.worker_id, fits.count(False),
+                        self.cfg.max_model_len)
+            prompts = [p for p, ok in zip(prompts, fits) if ok]
+            prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
+            if not prompts:
+                self.buffer.release(self.worker_id)
+                self.report(metrics, self.step)
+                return None
         version = self.engine.version
         # Partial rollouts make no sense when the admission pins the version (fixed policy).
         poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None

@@ -183,3 +183,24 @@ def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollo
     for t in trajs:
         assert (np.diff(t.versions) >= 0).all() and np.isfinite(t.behaviour_logp).all()
         assert len(t.response_ids) <= 48
+
+
+def test_prompt_longer_than_the_context_is_dropped_and_its_grant_returned(engine, buffer_factory, rollout_cfg,
+                                                                         model_dir):
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+    from rollout_worker.tasks.base import Prompt
+
+    class SomeTooLong(ArithmeticTask):
+        def train_prompts(self, seed):
+            for i, p in enumerate(super().train_prompts(seed)):
+                yield Prompt(p.id, p.text * 200, p.answer) if i % 2 else p  # odd ones overflow 256 tokens
+
+    buf = buffer_factory(policy="bounded", max_staleness=0, batch_groups=2)
+    reports = []
+    worker = make_worker(engine, SomeTooLong(), buf, rollout_cfg, Registry(model_dir, latest=engine.version),
+                         reports, worker_id="long")
+    assert worker.run(max_batches=1) == 1
+    assert len(stream_groups(buf)) == 1
+    assert reports[-1][1]["rollout/prompts_too_long"] == 1
+    grants = buf.r.hgetall(f"{buf.cfg.prefix}:grants:long")
+    assert sum(int(v) for v in grants.values()) == 0  # the dropped prompt's grant went back
