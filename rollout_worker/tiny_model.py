@@ -36,15 +36,19 @@ RECIPE_VERSION = 1
 
 @dataclass(frozen=True)
 class WarmStart:
-    """The supervised warm start: teacher-forced arithmetic answers, loss on the answer (+ <eos>) only."""
+    """The supervised warm start: teacher-forced arithmetic answers, loss on the answer (+ <eos>) only.
 
-    steps: int = 800
+    Measured for seed 0 (torch 2.13 CPU): held-out greedy accuracy 0.46 on the default arithmetic task
+    (a+b, operands 0..29), ~2-3 min on 1 thread; plain GRPO lifts it to 0.80 in ~200 updates of 16 x 8.
+    """
+
+    steps: int = 1250
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 20
-    weight_decay: float = 0.0
-    # The task the warm start teaches; the demo's RL task must match it (see tasks.arithmetic).
-    max_operand: int = 99
+    weight_decay: float = 0.01
+    # The task the warm start teaches: must match the demo's task (TaskConfig.arithmetic_* defaults).
+    max_operand: int = 29
     ops: str = "+"
     data_seed: int = 12345
     # A flawed teacher: on problems that need a carry (or borrow) it drops it this often. The policy then

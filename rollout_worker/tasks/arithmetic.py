@@ -21,7 +21,7 @@ EVAL_SEED = 1_000_003
 @dataclass(frozen=True)
 class ArithmeticTask:
     name: str = "arithmetic"
-    max_operand: int = 99  # operands are drawn uniformly from [0, max_operand]
+    max_operand: int = 29  # operands are drawn uniformly from [0, max_operand]
     ops: str = "+"  # any of "+-"; "-" keeps a >= b so answers stay non-negative
     eval_size: int = 200
     template: str = "plain"  # a bundled template name or a format string with {question}
