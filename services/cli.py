@@ -75,8 +75,8 @@ def train(
     """Train: with no arguments, the CPU demo (tiny model, M2PO, arithmetic, bounded staleness)."""
     from services.train import run_train
 
-    if resume is not None and not args:
-        args = [str(resume / "config.yaml")]
+    if resume is not None:  # the run's saved config, then any overrides (e.g. learner.total_steps=500)
+        args = [str(resume / "config.yaml"), *(args or [])]
     with redis_errors():
         code = run_train(resolve(args), resume=resume)
     raise typer.Exit(code)
