@@ -18,9 +18,9 @@ class BufferConfig(BaseModel):
     prefix: str = Field("staleflow", description="Key prefix; one run = one prefix.")
 
     policy: Literal["bounded", "fixed", "unbounded"] = "bounded"
-    max_staleness: int = Field(4, ge=0, description="bounded: drop samples staler than this; fixed: the lag s.")
-    batch_groups: int = Field(8, ge=1, description="Groups (prompts) per learner update.")
-    capacity_groups: int = Field(256, ge=1, description="Most groups waiting for the learner (not yet delivered); producers wait beyond. Delivered "
+    max_staleness: int = Field(2, ge=0, description="bounded: drop samples staler than this; fixed: the lag s.")
+    batch_groups: int = Field(16, ge=1, description="Groups (prompts) per learner update.")
+    capacity_groups: int = Field(128, ge=1, description="Most groups waiting for the learner (not yet delivered); producers wait beyond. Delivered "
         "groups stay until the checkpoint covering them (at most learner.checkpoint_every x batch_groups more).")
     dead_letter_maxlen: int = Field(10_000, ge=1)
     aof: bool = Field(True, description="Embedded Redis: append-only file on (runs) or off (tests).")

@@ -17,13 +17,13 @@ class LearnerConfig(BaseModel):
     behaviour_logp: Literal["rollout", "recompute"] = Field(
         "rollout", description="rollout: the engine's log-probs; recompute: the learner's, at generation version."
     )
-    lr: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    lr: float = Field(3e-4, gt=0, description="The demo's tiny model; the paper used 1e-6 on 1.5B-32B.")
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
-    total_steps: int = Field(100, ge=1, description="Optimizer updates (= policy versions) to train.")
-    micro_batch_tokens: int = Field(8192, ge=16, description="Token budget of a micro-batch (padding included).")
+    total_steps: int = Field(500, ge=1, description="Optimizer updates (= policy versions) to train.")
+    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of a micro-batch (padding included).")
     zero_stage: Literal[0, 1, 2, 3] = 2
     optimizer: Literal["torch", "deepspeed"] = Field(
         "torch", description="torch: torch.optim.AdamW (no build); deepspeed: FusedAdam/CPUAdam (JIT-built once)."
@@ -34,7 +34,7 @@ class LearnerConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     cpu_threads: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(10, ge=0, description="0 = never.")
+    eval_every: int = Field(20, ge=0, description="0 = never.")
     seed: int = 0

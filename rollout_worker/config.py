@@ -34,9 +34,9 @@ class RolloutConfig(BaseModel):
     n: int = Field(8, ge=1, description="Responses per prompt (the GRPO group size).")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(4, ge=1)
     stop: list[str] = Field(default_factory=list)
-    groups_per_batch: int = Field(8, ge=1, description="Prompts a worker generates per engine call.")
+    groups_per_batch: int = Field(16, ge=1, description="Prompts a worker generates per engine call.")
     partial: bool = Field(False, description="Interrupt generation to load newer weights mid-batch.")
     partial_poll_s: float = Field(0.05, ge=0, description="partial: ask the registry for a newer version this often.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -72,6 +72,9 @@ class ClusterConfig(BaseModel):
 
 
 class Config(BaseModel):
+    """The defaults ARE the CPU demo (`staleflow train` with no arguments = configs/tiny-cpu.yaml, a test checks
+    it); the GPU configs in configs/ set every value that differs."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Run name; default: <timestamp>-<loss>.")

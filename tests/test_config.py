@@ -94,3 +94,8 @@ def test_cli_config_show_prints_resolved_yaml():
     out = run_cli("config", "show", "learner.lr=2e-5")
     assert out.returncode == 0, out.stderr
     assert "lr: 2.0e-05" in out.stdout
+
+
+def test_no_arguments_is_the_cpu_demo():
+    """`staleflow train` with no arguments must run exactly configs/tiny-cpu.yaml."""
+    assert load_config([]) == load_config([REPO / "configs" / "tiny-cpu.yaml"])
