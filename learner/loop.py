@@ -190,12 +190,15 @@ class Learner:
         if self.trainer is None:
             raise RuntimeError("call setup() first")
         for _ in range(n_steps):
+            t_wait = time.perf_counter()
             try:
                 entries = self._pull_batch()
             except LearnerStopped as stopped:
                 log.info("learner: %s", stopped)
                 break
+            idle_s = time.perf_counter() - t_wait  # waiting for data: the rollout side is the bottleneck
             stats = self.trainer.step([e.group for e in entries])
+            stats["learner/idle_s"] = idle_s
             version = self.trainer.version
             ids = [e.id for e in entries]
             self._unacked += ids

@@ -35,6 +35,20 @@ from services.progress import TrainDisplay
 from services.registry import start_registry
 
 log = logging.getLogger(__name__)
+
+
+class LearnerDied(RuntimeError):
+    """The learner actor's process is gone (killed, OOM, node lost): the run cannot go on; it can resume."""
+
+
+def _from_learner(ref: ray.ObjectRef) -> Any:
+    """ray.get on a learner call; its process dying is LearnerDied (the driver must not wait forever)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        raise LearnerDied(f"the learner died ({type(exc).__name__})") from None
+
+
 console = Console(stderr=True, soft_wrap=True)
 QUIET = os.environ.get("STALEFLOW_QUIET") == "1"  # tests and CI: no live display
 
@@ -125,29 +139,57 @@ class Run:
         self.buffer = StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
         self.runs: dict[int, ray.ObjectRef] = {}
         self.restarts = 0
+        self.probes: dict[int, ray.ObjectRef] = {}  # workers being restarted: pid() answers once back
+        self.died_at: dict[int, float] = {}
         self.evals: list[dict[str, Any]] = []
         self._eval_ref: ray.ObjectRef | None = None
         self._train_ref: ray.ObjectRef | None = None  # the update in flight, if any
 
     def start(self) -> int:
-        version = ray.get(self.learner.setup.remote())
+        version = _from_learner(self.learner.setup.remote())
         self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
         return version
 
     def watch_workers(self) -> None:
-        """A worker whose loop ended by an error is restarted by Ray (max_restarts); start its loop again."""
-        done, _ = ray.wait(list(self.runs.values()), timeout=0)
+        """A worker whose loop ended by an error is restarted by Ray (max_restarts); once its new process
+        answers, start its loop again. A call made while Ray restarts it fails at once
+        (ActorUnavailableError): resubmitting run() then would count as another death, so the driver waits
+        with a pid() probe."""
+        self._probe_restarting()
+        watched = [ref for i, ref in self.runs.items() if i not in self.probes]
+        done, _ = ray.wait(watched, num_returns=len(watched), timeout=0) if watched else ([], [])
         for i, ref in list(self.runs.items()):
             if ref not in done:
                 continue
             try:
                 ray.get(ref)
                 log.warning("worker-%d stopped its loop; starting it again", i)
+                self.runs[i] = self.workers[i].run.remote()
             except ray.exceptions.RayError as exc:
                 if self.restarts >= self.cfg.rollout.max_restarts * len(self.workers):
                     raise RuntimeError(f"worker-{i} failed and its restarts are used up: {exc}") from exc
                 self.restarts += 1
+                self.died_at[i] = time.monotonic()
                 console.print(f"[yellow]worker-{i} died ({type(exc).__name__}); restart {self.restarts}[/]")
+                self.probes[i] = self.workers[i].pid.remote()
+
+    def _probe_restarting(self) -> None:
+        if not self.probes:
+            return
+        done, _ = ray.wait(list(self.probes.values()), num_returns=len(self.probes), timeout=0)
+        for i, ref in list(self.probes.items()):
+            if ref not in done:
+                continue
+            try:
+                pid = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # Ray is still restarting it (building its engine)
+                self.probes[i] = self.workers[i].pid.remote()
+                continue
+            except ray.exceptions.RayActorError as exc:
+                raise RuntimeError(f"worker-{i} could not be restarted: {exc}") from exc
+            del self.probes[i]
+            took = time.monotonic() - self.died_at.pop(i)
+            console.print(f"worker-{i} is back (pid {pid}, {took:.0f}s after it died); its loop starts again")
             self.runs[i] = self.workers[i].run.remote()
 
     def poll_eval(self, version: int, force: bool = False) -> dict[str, Any] | None:
@@ -167,7 +209,7 @@ class Run:
             self._train_ref = ref = self.learner.train.remote(1)
             while not ray.wait([ref], timeout=1.0)[0]:
                 self.watch_workers()
-            stats = ray.get(ref)
+            stats = _from_learner(ref)
             self._train_ref = None
             version = int(stats.get("policy/version", version + 1))
             values = dict(stats)
@@ -180,9 +222,10 @@ class Run:
             display.update(version, values)
         return version
 
-    def stop(self, final_eval: bool) -> dict[str, Any]:
+    def stop(self, final_eval: bool, learner_alive: bool = True) -> dict[str, Any]:
         """Stop workers, checkpoint, evaluate and save the final policy. Each step is bounded in time and a
-        failing step is reported without skipping the ones after it (the processes are stopped regardless)."""
+        failing step is reported without skipping the ones after it (the processes are stopped regardless).
+        With the learner dead there is nothing to checkpoint or save: workers are stopped, metrics closed."""
         summary: dict[str, Any] = {}
 
         def attempt(what: str, fn) -> None:
@@ -194,11 +237,15 @@ class Run:
 
         for w in self.workers:
             w.stop.remote()
-        if self._train_ref is not None:  # an update waiting for data that no worker will now produce
+        # An update waiting for data that no worker will now produce.
+        if self._train_ref is not None and learner_alive:
             self.learner.stop.remote()
             ray.wait([self._train_ref], timeout=120)
         if self.runs:
             ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
+        if not learner_alive:
+            attempt("closing the metrics", lambda: ray.get(self.hub.close.remote(), timeout=30))
+            return summary
         attempt("checkpoint", lambda: summary.update(version=ray.get(self.learner.checkpoint.remote(), timeout=300)))
         if final_eval:
             attempt("saving the final policy", lambda: summary.update(
@@ -235,10 +282,13 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
         if cfg.metrics.dashboard:
             from services.dashboard import start_dashboard
 
-            dash_url, stop_dash = start_dashboard([run_dir], host=cfg.metrics.host, port=cfg.metrics.dashboard_port)
+            try:
+                dash_url, stop_dash = start_dashboard([run_dir], host=cfg.metrics.host, port=cfg.metrics.dashboard_port)
+            except OSError:  # the port is taken (another run's dashboard): any free one will do
+                dash_url, stop_dash = start_dashboard([run_dir], host=cfg.metrics.host, port=0)
             stack.callback(stop_dash)
             console.print(f"dashboard: [bold]{dash_url}[/]")
-        interrupted = False
+        interrupted, died = False, None
         try:
             version = run.start()
             with TrainDisplay(cfg.learner.total_steps, start_step=version, quiet=QUIET) as display:
@@ -246,7 +296,13 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
-        summary = run.stop(final_eval=not interrupted)
+        except LearnerDied as exc:
+            died = exc
+        summary = run.stop(final_eval=not interrupted and died is None, learner_alive=died is None)
+    if died is not None:  # one clear message, no traceback: what happened and how to go on
+        console.print(f"[bold red]error:[/] {died}; updates after its last checkpoint are redone on resume")
+        console.print(f"resume with: staleflow train --resume {run_dir}")
+        return 1
     _print_summary(run_dir, summary, time.time() - t0, run.evals, interrupted)
     return 130 if interrupted else (1 if summary.get("errors") else 0)
 
