@@ -1,0 +1,94 @@
+"""`staleflow experiment staleness` on a tiny grid: one real fixed-staleness `staleflow train` run of a few
+updates, then the table and the plot made from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.experiment import Cell, CellResult, table
+
+REPO = Path(__file__).resolve().parents[1]
+UPDATES = 3
+# Small batches, an eval every update: every column of the table and every point of the plot comes from the run.
+SMALL = ["learner.eval_every=1", "buffer.batch_groups=4", "rollout.groups_per_batch=4", "rollout.n=4",
+         "task.eval_size=32", "learner.checkpoint_every=100"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("exp")
+    cmd = [sys.executable, "-m", "services.cli", "experiment", "staleness", "--s", "1", "--losses", "m2po",
+           "--seeds", "0", "--updates", str(UPDATES), "-o", str(out), "configs/tiny-cpu.yaml", *SMALL]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_grid_runs_fixed_staleness_and_writes_table_and_plot(grid):
+    out, proc = grid
+    run_dir = out / "runs" / "m2po-s1-seed0"
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    learner = [m for m in metrics if "policy/version" in m]
+    assert [m["policy/version"] for m in learner] == list(range(1, UPDATES + 1))
+    # fixed mode, s=1: update V trains on data from version max(0, V-1), so the staleness is 0 then 1, 1, ...
+    assert [m["staleness/max"] for m in learner] == [0] + [1] * (UPDATES - 1)
+    final = json.loads((run_dir / "eval.json").read_text())
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "policy: fixed" in cfg and "loss: m2po" in cfg
+
+    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1
+    cols = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cols[1] == "m2po" and cols[2] == "1"
+    assert float(cols[3]) == pytest.approx(final["accuracy"], abs=5e-4)
+    masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
+    assert float(cols[4]) == pytest.approx(masked, abs=5e-5)
+    m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)
+    assert float(cols[5]) == pytest.approx(m2, abs=5e-5)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["curve"][-1] == [UPDATES, pytest.approx(final["accuracy"])]
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert {e["step"] for e in evals} <= {step for step, _ in results[0]["curve"]}
+    png = (out / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "table:" in proc.stdout and "| s | loss |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_finished_cells_are_reused(grid):
+    """Running the same grid again trains nothing new: the finished run is summarised as it is."""
+    out, _ = grid
+    run_dir = out / "runs" / "m2po-s1-seed0"
+    before = (run_dir / "metrics.jsonl").stat().st_mtime_ns
+    cmd = [sys.executable, "-m", "services.cli", "experiment", "staleness", "--s", "1", "--losses", "m2po",
+           "--seeds", "0", "--updates", str(UPDATES), "-o", str(out), "configs/tiny-cpu.yaml", *SMALL]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == before
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["m2po-s1-seed0"]
+
+
+def test_table_mean_and_std_over_seeds():
+    def result(seed: int, acc: float, m2: float | None) -> CellResult:
+        return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, [(10, acc)], 0.1 * (seed + 1),
+                          m2, 0.01, 60.0)
+
+    md = table([result(0, 0.5, None), result(1, 0.7, None), result(0, 0.2, 0.3), result(1, 0.4, 0.5)])
+    rows = {r.split("|")[2].strip(): [c.strip() for c in r.strip("|").split("|")] for r in md.splitlines()[2:]}
+    assert rows["ppo_clip"][3] == "0.600 ± 0.141"  # stdev of (0.5, 0.7)
+    assert rows["ppo_clip"][5] == "—"  # M2 is M2PO's own statistic
+    assert rows["m2po"][3] == "0.300 ± 0.141"
+    assert rows["m2po"][4] == "0.1500" and rows["m2po"][5] == "0.4000"
