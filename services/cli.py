@@ -142,6 +142,29 @@ def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
         typer.echo(buffer_stats_json(resolve(args)))
 
 
+@experiment_app.command("staleness")
+def experiment_staleness(
+    s: str = typer.Option("0,4,16,64", "--s", help="Fixed staleness values (comma-separated)."),
+    losses: str = typer.Option("ppo_clip,no_trust_region,m2po", "--losses"),
+    seeds: str = typer.Option("0", "--seeds"),
+    updates: int = typer.Option(100, "--updates", help="Updates per run (same for every cell)."),
+    out: Path = typer.Option(Path("runs/experiment-staleness"), "-o", "--out"),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: table and plot of finished cells."),
+    args: Optional[list[str]] = ARGS,
+) -> None:
+    """Train one run per (s, loss, seed) in fixed-staleness mode; write table.md and accuracy.png."""
+    from services.experiment import run_staleness
+
+    files, overrides = split_args(args or [])
+    base = [*(files or ["configs/tiny-cpu.yaml"]), *overrides]
+    resolve(base)  # a bad override fails here, once, not in every cell
+    table, png = run_staleness([int(v) for v in s.split(",")], losses.split(","),
+                               [int(v) for v in seeds.split(",")], updates, base, out, echo=typer.echo,
+                               train=not report_only)
+    typer.echo(table.read_text())
+    typer.echo(f"table: {table}\nplot: {png}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
