@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,12 @@ def train_rate(args: list[str], name: str, runs_dir: Path) -> dict:
     t0 = time.time()
     # torch.distributed's rendezvous variables of this process (the standalone learner) must not leak into the run
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    out = subprocess.run(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True)
+    for _ in range(2):  # on a crowded machine a start-up can lose a race for a port: one more try
+        shutil.rmtree(runs_dir / name, ignore_errors=True)
+        out = subprocess.run(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True)
+        if out.returncode == 0:
+            break
+        print(f"{name}: staleflow train exited {out.returncode}, trying again:\n{out.stderr[-1500:]}", file=sys.stderr)
     if out.returncode != 0:
         raise RuntimeError(f"{name}: staleflow train exited {out.returncode}:\n{out.stderr[-3000:]}")
     recs = [json.loads(x) for x in (runs_dir / name / "metrics.jsonl").read_text().splitlines() if x.strip()]

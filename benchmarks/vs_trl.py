@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +43,11 @@ def staleflow_run(args: list[str], name: str, runs_dir: Path) -> dict:
            "metrics.dashboard=false", "learner.checkpoint_every=1000000"]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                              "LOCAL_RANK")}  # TRL's accelerate may set them
-    out = subprocess.run(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True)
+    for _ in range(2):  # on a crowded machine a start-up can lose a race for a port: one more try
+        shutil.rmtree(runs_dir / name, ignore_errors=True)
+        out = subprocess.run(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True)
+        if out.returncode == 0:
+            break
     if out.returncode != 0:
         raise RuntimeError(f"{name}: staleflow train exited {out.returncode}:\n{out.stderr[-3000:]}")
     run = runs_dir / name
