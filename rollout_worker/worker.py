@@ -141,11 +141,14 @@ class RolloutWorker:
         metrics["weights/version"] = version
         return True
 
-    def _latest(self) -> int | None:
+    def _latest(self, metrics: dict[str, float] | None = None) -> int | None:
+        """The registry's newest version; None (counted as a fetch error) if the registry cannot be asked."""
         try:
             return int(self.get_latest())
         except Exception:
             log.exception("worker %s: asking the registry for its latest version failed", self.worker_id)
+            if metrics is not None:
+                metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
             return None
 
     def _admit(self, metrics: dict[str, float]) -> Admission | None:
@@ -157,7 +160,7 @@ class RolloutWorker:
                 if adm.granted > 0:
                     return adm
                 # While waiting (the learner is behind), pick up fresher weights so the next batch is less stale.
-                latest = self._latest()
+                latest = self._latest(metrics)
                 if latest is not None and latest > self.engine.version and self.buffer.cfg.policy != "fixed":
                     self._load(latest, metrics)
             return None
@@ -168,7 +171,7 @@ class RolloutWorker:
         """Weights, admission, prompts, generation. None if nothing was generated (stopped, or no prompts)."""
         metrics: dict[str, float] = {}
         fixed = self.buffer.cfg.policy == "fixed"
-        latest = self._latest()
+        latest = self._latest(metrics)
         if not fixed and latest is not None and latest > self.engine.version:
             self._load(latest, metrics)
 
