@@ -150,6 +150,7 @@ def experiment_staleness(
     updates: int = typer.Option(100, "--updates", help="Updates per run (same for every cell)."),
     out: Path = typer.Option(Path("runs/experiment-staleness"), "-o", "--out"),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: table and plot of finished cells."),
+    cell_timeout: Optional[float] = typer.Option(None, "--cell-timeout", help="Stop a run after this many seconds."),
     args: Optional[list[str]] = ARGS,
 ) -> None:
     """Train one run per (s, loss, seed) in fixed-staleness mode; write table.md and accuracy.png."""
@@ -160,7 +161,7 @@ def experiment_staleness(
     resolve(base)  # a bad override fails here, once, not in every cell
     table, png = run_staleness([int(v) for v in s.split(",")], losses.split(","),
                                [int(v) for v in seeds.split(",")], updates, base, out, echo=typer.echo,
-                               train=not report_only)
+                               train=not report_only, cell_timeout_s=cell_timeout)
     typer.echo(table.read_text())
     typer.echo(f"table: {table}\nplot: {png}")
 

@@ -58,6 +58,10 @@ class Cell:
         ]
 
 
+class CellTimeout(RuntimeError):
+    """A cell's run did not finish in time (it was stopped): the grid goes on without it."""
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -73,7 +77,10 @@ def grid(s_values: list[int], losses: list[str], seeds: list[int]) -> list[Cell]
     return [Cell(s, loss, seed) for s in s_values for loss in losses for seed in seeds]
 
 
-def run_cell(cell: Cell, updates: int, base_args: list[str], runs_dir: Path, log_dir: Path, retries: int = 1) -> Path:
+def run_cell(
+    cell: Cell, updates: int, base_args: list[str], runs_dir: Path, log_dir: Path, retries: int = 1,
+    timeout_s: float | None = None,
+) -> Path:
     """One real `staleflow train` run; returns its run directory. A finished run of the same command is reused
     as is; any other (interrupted grid, failed attempt, other settings) is started again from scratch."""
     base = load_config([a for a in base_args if "=" not in a], [a for a in base_args if "=" in a])
@@ -89,7 +96,18 @@ def run_cell(cell: Cell, updates: int, base_args: list[str], runs_dir: Path, log
             shutil.rmtree(run_dir)
         t0 = time.time()
         with open(log_dir / f"{cell.name}.log", "a") as log:
-            code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                # SIGTERM takes train's Ctrl-C path (stops its Ray, Redis); SIGKILL only if that hangs too
+                proc.terminate()
+                try:
+                    proc.wait(timeout=180)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise CellTimeout(f"cell {cell.name}: no result after {timeout_s:.0f} s; see {log.name}") from None
         if code == 0 and (run_dir / "eval.json").is_file():
             break
     else:
@@ -205,10 +223,11 @@ def plot(results: list[CellResult], out: Path) -> Path:
 
 def run_staleness(
     s_values: list[int], losses: list[str], seeds: list[int], updates: int, base_args: list[str], out: Path,
-    echo=print, train: bool = True,
+    echo=print, train: bool = True, cell_timeout_s: float | None = None,
 ) -> tuple[Path, Path]:
     """Run the grid (finished cells are reused), then write <out>/table.md and <out>/accuracy.png.
-    train=False: no training, the table and plot of the cells already finished (a grid still running)."""
+    train=False: no training, the table and plot of the cells already finished (a grid still running).
+    cell_timeout_s: a run still going after this long is stopped and left out (the grid goes on)."""
     out = out.resolve()
     results = []
     cells = grid(s_values, losses, seeds)
@@ -223,7 +242,11 @@ def run_staleness(
                 continue
         else:
             echo(f"[{i}/{len(cells)}] {cell.name}: {updates} updates")
-            run_dir = run_cell(cell, updates, base_args, out / "runs", out / "logs")
+            try:
+                run_dir = run_cell(cell, updates, base_args, out / "runs", out / "logs", timeout_s=cell_timeout_s)
+            except CellTimeout as exc:
+                echo(f"    {exc}: left out of the table")
+                continue
         result = summarise(cell, run_dir, initial)
         echo(f"    final held-out accuracy {result.final_accuracy:.3f}, "
              f"masked/clipped {result.masked_fraction:.4f}, {result.wall_s / 60:.1f} min")

@@ -91,4 +91,4 @@ def test_table_mean_and_std_over_seeds():
     assert rows["ppo_clip"][3] == "0.600 ± 0.141"  # stdev of (0.5, 0.7)
     assert rows["ppo_clip"][5] == "—"  # M2 is M2PO's own statistic
     assert rows["m2po"][3] == "0.300 ± 0.141"
-    assert rows["m2po"][4] == "0.1500" and rows["m2po"][5] == "0.4000"
+    assert rows["m2po"][4] == "0.1500" and rows["m2po"][5] == "4.00e-01"
