@@ -73,6 +73,8 @@ def actor_env(cfg: Config, threads: int) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
         "RAY_DEDUP_LOGS": "0",
+        # vLLM logs every in-place weight reload (each update) at INFO/WARNING: it would bury the live display.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     }
     if not _has_gpu(cfg):
         env["DS_ACCELERATOR"] = "cpu"
