@@ -125,9 +125,13 @@ class StalenessBuffer:
 
     # ---------------- producer side ----------------
 
-    def admit(self, worker_id: str, n_groups: int, *, timeout_s: float | None = None) -> Admission:
+    def admit(
+        self, worker_id: str, n_groups: int, *, timeout_s: float | None = None, weights_version: int | None = None
+    ) -> Admission:
         """Ask to generate `n_groups`. granted=0 means wait; with `timeout_s` this call waits (polling with
-        backoff) up to that long for a grant. See buffer/staleness.py for the rules."""
+        backoff) up to that long for a grant. `weights_version`: the policy version the producer holds; with
+        `bounded`, a producer behind the learner is held closer so its groups do not arrive too stale (load
+        newer weights and ask again). See buffer/staleness.py for the rules."""
         if n_groups < 1:
             raise ValueError("n_groups must be >= 1")
         c = self.cfg
@@ -136,7 +140,8 @@ class StalenessBuffer:
         delay = 0.01
         while True:
             # a fresh nonce per request: redis-py re-sends the same one when it retries after a lost reply
-            args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id, uuid.uuid4().hex]
+            args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id, uuid.uuid4().hex,
+                    -1 if weights_version is None else int(weights_version)]
             granted, slot, req, version = (int(x) for x in self._admit(keys=keys, args=args))
             left = 0.0 if deadline is None else deadline - time.monotonic()
             if granted > 0 or left <= 0:

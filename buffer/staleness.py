@@ -84,7 +84,8 @@ def decide(
 # Slot "-" in a worker's grant hash means "no slot" (bounded / unbounded).
 
 ADMIT_LUA = """
--- KEYS: state, grants(worker), slots, workers, counts, admits ; ARGV: policy, s, B, n, worker, nonce
+-- KEYS: state, grants(worker), slots, workers, counts, admits ; ARGV: policy, s, B, n, worker, nonce, W
+-- W: the version of the weights the producer will generate with (-1: unknown = the learner's).
 -- Idempotent: a call retried after its reply was lost (same nonce) gets the first answer, not a second grant.
 local last = redis.call('HGET', KEYS[6], ARGV[5])
 if last then
@@ -107,7 +108,13 @@ if policy == 'fixed' then
   end
 elseif policy == 'bounded' then
   local inflight = tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0')
-  granted = math.max(0, math.min(n, (s + V + 1) * B - inflight))
+  -- A group is consumed about (inflight - V*B)/B updates from now, so its staleness will be about
+  -- V + inflight/B - V - W = (V - W) + position: with weights older than the learner's (W < V) the producer
+  -- must stay that much closer, or its groups arrive too stale and are dropped. So count from min(V, W).
+  local W = tonumber(ARGV[7])
+  local base = V
+  if W >= 0 and W < V then base = W end
+  granted = math.max(0, math.min(n, (s + base + 1) * B - inflight))
   if granted > 0 then
     redis.call('HINCRBY', KEYS[1], 'inflight', granted)
     redis.call('HINCRBY', KEYS[2], '-', granted)

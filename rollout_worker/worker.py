@@ -155,14 +155,17 @@ class RolloutWorker:
         """Wait for a grant; None if stop() came first. Time spent here is rollout/idle_s."""
         t0 = time.perf_counter()
         try:
+            wait = 0.0  # ask at once; wait only when fresher weights would not help
             while not self._stop.is_set():
-                adm = self.buffer.admit(self.worker_id, self.cfg.groups_per_batch, timeout_s=self.admit_wait_s)
+                adm = self.buffer.admit(self.worker_id, self.cfg.groups_per_batch, timeout_s=wait,
+                                        weights_version=self.engine.version)
                 if adm.granted > 0:
                     return adm
-                # While waiting (the learner is behind), pick up fresher weights so the next batch is less stale.
+                # Refused: the learner is behind, or our weights are (bounded admission counts from the older
+                # of the two). Fresher weights make the next batch less stale and may earn the grant now.
                 latest = self._latest(metrics)
-                if latest is not None and latest > self.engine.version and self.buffer.cfg.policy != "fixed":
-                    self._load(latest, metrics)
+                fresher = latest is not None and latest > self.engine.version and self.buffer.cfg.policy != "fixed"
+                wait = 0.0 if fresher and self._load(latest, metrics) else self.admit_wait_s
             return None
         finally:
             metrics["rollout/idle_s"] = time.perf_counter() - t0

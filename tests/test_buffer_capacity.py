@@ -27,3 +27,18 @@ def test_delivered_unacked_groups_do_not_block_producers(buffer_factory):
     assert stats.depth == 4 and stats.pending == 2
     buf.ack([e.id for e in delivered])
     assert buf.stats().depth == 2
+
+
+def test_bounded_admission_counts_from_the_producers_older_weights(buffer_factory):
+    """A producer whose weights are older than the learner's is held closer, so its groups do not arrive too
+    stale (staleness = consuming version - generating version): (s + min(V, W) + 1) * B - inflight."""
+    s, B, V = 1, 2, 5
+    current = buffer_factory(policy="bounded", max_staleness=s, batch_groups=B)
+    current.set_version(V)
+    assert current.admit("w", 100, weights_version=V).granted == (s + V + 1) * B
+    behind = buffer_factory(policy="bounded", max_staleness=s, batch_groups=B)
+    behind.set_version(V)
+    assert behind.admit("w", 100, weights_version=V - 2).granted == (s + V - 2 + 1) * B
+    unknown = buffer_factory(policy="bounded", max_staleness=s, batch_groups=B)
+    unknown.set_version(V)
+    assert unknown.admit("w", 100).granted == (s + V + 1) * B  # no version given: the learner's
