@@ -133,8 +133,10 @@ class RolloutWorker:
         t0 = time.perf_counter()
         try:
             self.engine.update_weights(self.fetch(version), version)
-        except Exception:  # a registry hiccup must not kill the worker: keep the weights we have, retry later
-            log.exception("worker %s: loading weights version %d failed", self.worker_id, version)
+        except Exception as exc:  # a registry hiccup must not kill the worker: keep the weights we have, retry later
+            # One line, no traceback: a registry or learner that is gone is an expected fault, counted below.
+            log.warning("worker %s: loading weights version %d failed: %s: %s", self.worker_id, version,
+                        type(exc).__name__, str(exc)[:300])
             metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
             return False
         metrics["weights/fetch_s"] = time.perf_counter() - t0
@@ -145,8 +147,9 @@ class RolloutWorker:
         """The registry's newest version; None (counted as a fetch error) if the registry cannot be asked."""
         try:
             return int(self.get_latest())
-        except Exception:
-            log.exception("worker %s: asking the registry for its latest version failed", self.worker_id)
+        except Exception as exc:
+            log.warning("worker %s: asking the registry for its latest version failed: %s: %s", self.worker_id,
+                        type(exc).__name__, str(exc)[:300])
             if metrics is not None:
                 metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
             return None

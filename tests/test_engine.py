@@ -106,8 +106,9 @@ def test_logprobs_are_the_policys_raw_logprobs(engine, hf_a, prompts):
             assert s.finish_reason in ("stop", "length")
             ref = hf_logprobs(hf_a, prompt, s.token_ids)
             torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-3, rtol=0)
-        # n samples of one prompt are independent draws (a per-request seed would make them identical)
-        assert len({tuple(s.token_ids) for s in group}) > 1
+    # n samples of one prompt are independent draws (a per-request seed would make every group's samples
+    # identical); a confident model may still repeat itself on some prompts, so ask it of one group at least.
+    assert any(len({tuple(s.token_ids) for s in group}) > 1 for group in groups)
 
 
 def test_weight_update_gives_exactly_the_new_weights_greedy_tokens(engine, hf_a, hf_b, prompts):
