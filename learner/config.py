@@ -22,7 +22,7 @@ class LearnerConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
-    total_steps: int = Field(500, ge=1, description="Optimizer updates (= policy versions) to train.")
+    total_steps: int = Field(300, ge=1, description="Optimizer updates (= policy versions) to train.")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of a micro-batch (padding included).")
     zero_stage: Literal[0, 1, 2, 3] = 2
     optimizer: Literal["torch", "deepspeed"] = Field(
