@@ -20,7 +20,6 @@ async / min(standalone) efficiency (the ideal pipeline runs at the slower side's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._stdout import stdout_to_stderr  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout: keep it JSON only
 
@@ -112,20 +112,6 @@ def train_rate(args: list[str], name: str, runs_dir: Path) -> dict:
     stale = [r.get("staleness/mean", 0.0) for r in recs]
     return {"samples_per_s": samples / span, "updates": len(recs), "timed_s": span,
             "wall_s_with_startup": time.time() - t0, "staleness_mean": sum(stale) / len(stale)}
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Libraries print to fd 1 (DeepSpeed's op builds, TRL's train log): keep stdout for the JSON alone."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main() -> None:

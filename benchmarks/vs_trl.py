@@ -21,7 +21,6 @@ lowest of their best accuracies). Ratios are staleflow / TRL (> 1: staleflow fas
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._stdout import stdout_to_stderr  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
@@ -145,20 +145,6 @@ def trl_run(cfg, model_dir: Path, updates: int, eval_every: int) -> dict:
 
 def time_to(curve: list, target: float) -> float | None:
     return next((t for _, t, acc in curve if acc >= target - 1e-9), None)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Libraries print to fd 1 (DeepSpeed's op builds, TRL's train log): keep stdout for the JSON alone."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main() -> None:
