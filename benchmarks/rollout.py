@@ -81,7 +81,7 @@ def main() -> None:
             tokens = []
             worker = RolloutWorker(engine, task, buf, cfg, TaskConfig(), worker_id="bench",
                                    get_latest=lambda: engine.version, fetch=lambda v: [],
-                                   report=lambda values, step: tokens.append(values), prompts=iter(prompts))
+                                   report=lambda step, values: tokens.append(values), prompts=iter(prompts))
             t0 = time.perf_counter()
             worker.run(max_batches=batches)
             dt = time.perf_counter() - t0

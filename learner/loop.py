@@ -34,7 +34,7 @@ from learner.config import LearnerConfig
 log = logging.getLogger(__name__)
 
 Publish = Callable[[int, Iterable[tuple[str, torch.Tensor]]], Any]
-Report = Callable[[dict[str, Any], int], None]
+Report = Callable[[int, dict[str, Any]], None]  # report(step, values), like services.metrics_logger
 
 
 class LearnerStopped(Exception):
@@ -223,7 +223,7 @@ class Learner:
                 stats["time/checkpoint_s"] = self.checkpoint()
             self.last_stats = stats
             if self.report is not None and self.lead:
-                self.report(stats, version)
+                self.report(version, stats)
         return self.last_stats
 
     def stop(self) -> None:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 GetLatest = Callable[[], int]
 Fetch = Callable[[int], Iterable[tuple[str, torch.Tensor]]]
-Report = Callable[[dict[str, float], int], None]
+Report = Callable[[int, dict[str, float]], None]  # report(step, values), like services.metrics_logger
 
 
 @dataclass
@@ -79,7 +79,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.get_latest = get_latest
         self.fetch = fetch
-        self.report = report or (lambda values, step: None)
+        self.report = report or (lambda step, values: None)
         self.admit_wait_s = admit_wait_s
         self.step = 0
         self._stop = threading.Event()
@@ -187,7 +187,7 @@ class RolloutWorker:
         if adm.required_version is not None and adm.required_version != self.engine.version:
             if not self._load(adm.required_version, metrics):
                 self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
-                self.report(metrics, self.step)
+                self.report(self.step, metrics)
                 return None
 
         t0 = time.perf_counter()
@@ -208,7 +208,7 @@ class RolloutWorker:
             prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
             if not prompts:
                 self.buffer.release(self.worker_id)
-                self.report(metrics, self.step)
+                self.report(self.step, metrics)
                 return None
         version = self.engine.version
         # Partial rollouts make no sense when the admission pins the version (fixed policy).
@@ -247,7 +247,7 @@ class RolloutWorker:
             "rollout/reward_errors": errors,
             "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
         })
-        self.report(b.metrics, self.step)
+        self.report(self.step, b.metrics)
         self.step += 1
 
     def _poll_weights(self):

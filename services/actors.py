@@ -27,11 +27,6 @@ def _buffer(cfg: Config, redis: RedisEndpoint) -> StalenessBuffer:
     return StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
 
 
-def _values_step(logger):
-    """The sides report `report(values, step)`; the hub's logger takes (step, values)."""
-    return lambda values, step: logger(step, values)
-
-
 class LearnerActor:
     """The learner (DeepSpeed) as an actor: setup / train(n) / checkpoint / save_final."""
 
@@ -57,7 +52,7 @@ class LearnerActor:
             batch_groups=cfg.buffer.batch_groups,
             publish=lambda version, _tensors: self.publisher.publish(self.learner.trainer.engine, version),
             publish_every=cfg.weights.publish_every,
-            report=_values_step(metrics_logger(hub, "learner")) if hub is not None else None,
+            report=metrics_logger(hub, "learner") if hub is not None else None,
             temperature=cfg.rollout.temperature,
         )
 
@@ -138,7 +133,7 @@ class RolloutActor:
             worker_id=worker_id,
             get_latest=self.fetcher.latest_version,
             fetch=lambda version: self.fetcher.fetch(version).tensors(),
-            report=_values_step(logger) if logger is not None else None,
+            report=logger,
         )
 
     def pid(self) -> int:

@@ -201,7 +201,7 @@ def run_learn(config_path: str) -> None:
 
     buffer.ack = ack
 
-    def report(stats: dict, step: int) -> None:
+    def report(step: int, stats: dict) -> None:
         if step == spec.get("pause_after_version"):
             stop_here("paused")
 

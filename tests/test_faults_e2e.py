@@ -294,7 +294,7 @@ def test_a_worker_whose_registry_is_gone_keeps_generating_and_staleness_holds(ra
     try:
         worker = RolloutWorker(engine, ArithmeticTask(), buf, cfg, TaskConfig(), worker_id="w0",
                                get_latest=fetcher.latest_version, fetch=lambda v: fetcher.fetch(v).tensors(),
-                               report=lambda values, step: reports.append(dict(values)))
+                               report=lambda step, values: reports.append(dict(values)))
         assert bounded_run(worker, 1) == 1
         assert engine.version == 1 and reports[0]["weights/version"] == 1  # loaded through the live registry
 

@@ -62,7 +62,7 @@ def make_worker(engine, task, buf, cfg, registry, reports, worker_id="w0"):
     from rollout_worker.worker import RolloutWorker
 
     return RolloutWorker(engine, task, buf, cfg, TaskConfig(), worker_id=worker_id, get_latest=registry.get_latest,
-                         fetch=registry.fetch, report=lambda values, step: reports.append((step, dict(values))))
+                         fetch=registry.fetch, report=lambda step, values: reports.append((step, dict(values))))
 
 
 def test_worker_pushes_well_formed_groups_and_loads_newer_weights(engine, buffer_factory, rollout_cfg, model_dir):
