@@ -331,7 +331,7 @@ class StalenessBuffer:
         dropped: list[tuple[str, str, _Pooled]] = []
         for eid, item in list(self._pool.items()):
             g = item.group
-            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max)
+            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max, g.slot)
             if verdict is Verdict.DROP:
                 dropped.append((eid, reason or "dropped", self._pool.pop(eid)))
             elif verdict is Verdict.TAKE and len(taken) < n:

@@ -83,6 +83,11 @@ class RolloutWorker:
         self.admit_wait_s = admit_wait_s
         self.step = 0
         self._stop = threading.Event()
+        # Held from "these are the weights this batch needs" until its generation ends, and by anyone else who
+        # changes or reads the engine's weights (an eval on another thread). Without it an eval could swap the
+        # weights between the worker's version check and its generate: in fixed mode that tags a slot's groups
+        # with the wrong version and the update that wants them waits forever. Reentrant: _load takes it too.
+        self.engine_lock = threading.RLock()
         # Each worker its own prompt stream (a stable function of the run seed and its id), unless handed one.
         seed = task_cfg.seed * 1_000_003 + zlib.crc32(worker_id.encode())
         self._prompts: Iterator[Prompt] = prompts if prompts is not None else task.train_prompts(seed)
@@ -132,7 +137,8 @@ class RolloutWorker:
     def _load(self, version: int, metrics: dict[str, float]) -> bool:
         t0 = time.perf_counter()
         try:
-            self.engine.update_weights(self.fetch(version), version)
+            with self.engine_lock:
+                self.engine.update_weights(self.fetch(version), version)
         except Exception as exc:  # a registry hiccup must not kill the worker: keep the weights we have, retry later
             # One line, no traceback: a registry or learner that is gone is an expected fault, counted below.
             log.warning("worker %s: loading weights version %d failed: %s: %s", self.worker_id, version,
@@ -184,39 +190,40 @@ class RolloutWorker:
         adm = self._admit(metrics)
         if adm is None:
             return None
-        if adm.required_version is not None and adm.required_version != self.engine.version:
-            if not self._load(adm.required_version, metrics):
-                self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
-                self.report(self.step, metrics)
-                return None
+        with self.engine_lock:  # the weights checked here are the weights that generate (see __init__)
+            if adm.required_version is not None and adm.required_version != self.engine.version:
+                if not self._load(adm.required_version, metrics):
+                    self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
+                    self.report(self.step, metrics)
+                    return None
 
-        t0 = time.perf_counter()
-        prompts = list(itertools.islice(self._prompts, adm.granted))
-        if len(prompts) < adm.granted:  # a finite prompt stream ran out: this is the last batch
-            log.info("worker %s: prompt stream exhausted", self.worker_id)
-            self._stop.set()
-            if not prompts:
-                self.buffer.release(self.worker_id)
-                return None
-        prompt_ids = self.engine.tokenize([p.text for p in prompts])
-        fits = [len(ids) < self.cfg.max_model_len for ids in prompt_ids]
-        if not all(fits):  # vLLM refuses a prompt that fills the context: drop it, count it, return its grant
-            metrics["rollout/prompts_too_long"] = fits.count(False)
-            log.warning("worker %s: dropped %d prompts of >= %d tokens", self.worker_id, fits.count(False),
-                        self.cfg.max_model_len)
-            prompts = [p for p, ok in zip(prompts, fits) if ok]
-            prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
-            if not prompts:
-                self.buffer.release(self.worker_id)
-                self.report(self.step, metrics)
-                return None
-        version = self.engine.version
-        # Partial rollouts make no sense when the admission pins the version (fixed policy).
-        poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
-        t_start = time.time()
-        groups = self.engine.generate(prompt_ids, self.cfg.n, temperature=self.cfg.temperature,
-                                      max_tokens=self.cfg.max_tokens, poll_weights=poll,
-                                      poll_every_s=self.cfg.partial_poll_s)
+            t0 = time.perf_counter()
+            prompts = list(itertools.islice(self._prompts, adm.granted))
+            if len(prompts) < adm.granted:  # a finite prompt stream ran out: this is the last batch
+                log.info("worker %s: prompt stream exhausted", self.worker_id)
+                self._stop.set()
+                if not prompts:
+                    self.buffer.release(self.worker_id)
+                    return None
+            prompt_ids = self.engine.tokenize([p.text for p in prompts])
+            fits = [len(ids) < self.cfg.max_model_len for ids in prompt_ids]
+            if not all(fits):  # vLLM refuses a prompt that fills the context: drop it, count it, return its grant
+                metrics["rollout/prompts_too_long"] = fits.count(False)
+                log.warning("worker %s: dropped %d prompts of >= %d tokens", self.worker_id, fits.count(False),
+                            self.cfg.max_model_len)
+                prompts = [p for p, ok in zip(prompts, fits) if ok]
+                prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
+                if not prompts:
+                    self.buffer.release(self.worker_id)
+                    self.report(self.step, metrics)
+                    return None
+            version = self.engine.version
+            # Partial rollouts make no sense when the admission pins the version (fixed policy).
+            poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
+            t_start = time.time()
+            groups = self.engine.generate(prompt_ids, self.cfg.n, temperature=self.cfg.temperature,
+                                          max_tokens=self.cfg.max_tokens, poll_weights=poll,
+                                          poll_every_s=self.cfg.partial_poll_s)
         metrics["rollout/generate_s"] = time.perf_counter() - t0
         if latest is not None:
             metrics["rollout/version_lag"] = max(0, latest - version)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,24 +87,6 @@ class LearnerActor:
         return self.learner.state()
 
 
-class _LockedEngine:
-    """Serialises engine calls: the rollout loop and an eval request share one vLLM engine from two threads."""
-
-    def __init__(self, engine: Any, lock: threading.Lock):
-        self._engine, self._lock = engine, lock
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return self._engine.generate(*args, **kwargs)
-
-    def update_weights(self, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return self._engine.update_weights(*args, **kwargs)
-
-
 class RolloutActor:
     """A rollout worker (vLLM) as a threaded actor: run() loops in one thread; stop() and evaluate() come in on
     another (max_concurrency=3)."""
@@ -118,8 +99,7 @@ class RolloutActor:
 
         self.cfg = cfg
         self.worker_id = worker_id
-        self.lock = threading.Lock()
-        self.engine = _LockedEngine(build_engine(model_dir, cfg.rollout), self.lock)
+        self.engine = build_engine(model_dir, cfg.rollout)
         self.task = load_task(cfg.task)
         logger = metrics_logger(hub, f"rollout/{worker_id}") if hub is not None else None
         self.fetcher = WeightsFetcher(registry, timeout_s=cfg.weights.timeout_s, metrics=logger)
@@ -149,13 +129,15 @@ class RolloutActor:
         """Held-out greedy accuracy of the weights this worker holds (optionally the newest first)."""
         from rollout_worker.evaluate import evaluate
 
-        if load_latest:
-            latest = self.fetcher.latest_version()
-            if latest > self.engine.version:
-                self.engine.update_weights(self.fetcher.fetch(latest).tensors(), latest)
-        with self.lock:  # the weights must not change under the eval
+        # The worker's engine lock: the rollout loop must not generate while the eval swaps weights (it would
+        # tag a batch with weights it was not admitted for), and the eval must score the version it reports.
+        with self.worker.engine_lock:
+            if load_latest:
+                latest = self.fetcher.latest_version()
+                if latest > self.engine.version:
+                    self.engine.update_weights(self.fetcher.fetch(latest).tensors(), latest)
             version = self.engine.version
-            result = evaluate(self.engine._engine, self.task, n=1, timeout_s=self.cfg.task.reward_timeout_s)
+            result = evaluate(self.engine, self.task, n=1, timeout_s=self.cfg.task.reward_timeout_s)
         result["version"] = version
         if self.hub is not None:
             metrics_logger(self.hub, "eval")(version, {"eval/accuracy": result["accuracy"], "eval/version": version})

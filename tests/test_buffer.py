@@ -150,6 +150,27 @@ def test_fixed_drops_groups_that_span_versions(buffer_factory):
     assert buf.stats().drops == {"mixed_versions": 1}
 
 
+def test_fixed_drops_a_group_generated_by_other_weights_than_its_slot_and_regrants_the_slot(buffer_factory):
+    # A worker whose weights changed between admission and generation (an eval loaded newer ones) pushes slot 3
+    # data made by version 2 instead of r(3) = 1. Held as "fresher", it would leave update 3 waiting forever.
+    s, batch = 2, 2
+    buf = buffer_factory(policy="fixed", max_staleness=s, batch_groups=batch, capacity_groups=32)
+    buf.set_version(1)
+    assert [(a.slot, a.required_version) for a in (buf.admit("w", batch), buf.admit("w", batch))] == [(1, 0), (2, 0)]
+    adm = buf.admit("w", batch)
+    assert (adm.granted, adm.slot, adm.required_version) == (2, 3, 1)
+    buf.push(make_group(1, slot=3, gid="right"), "w")
+    buf.push(make_group(2, slot=3, gid="wrong"), "w")
+    buf.set_version(3)
+    first = _drain(buf, batch)
+    assert [e.group.group_id for e in first] == ["right"]
+    assert buf.stats().drops == {"wrong_slot_version": 1}
+    again = buf.admit("w2", batch)  # the dropped group's place in slot 3 is open again, for version 1
+    assert (again.granted, again.slot, again.required_version) == (1, 3, 1)
+    buf.push(make_group(1, slot=3, gid="redo"), "w2")
+    assert [e.group.group_id for e in _drain(buf, batch)] == ["redo"]
+
+
 def test_unbounded_takes_everything_and_measures_it(buffer_factory):
     buf = buffer_factory(policy="unbounded", capacity_groups=8)
     assert buf.admit("w", 100).granted == 100

@@ -156,6 +156,47 @@ def test_fixed_policy_generates_with_the_version_the_admission_names(engine, buf
     assert all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
 
 
+def test_an_eval_swapping_weights_mid_batch_cannot_change_the_version_a_fixed_batch_was_admitted_for(
+        engine, buffer_factory, rollout_cfg, model_dir):
+    """The actor's eval loads the newest weights on another thread. If that landed between the worker's
+    required-version check and its generate, slot 3's groups would carry version 3 instead of 2 and update 3
+    would wait for them forever. The swap is started inside that window (from tokenize) and given time to land."""
+    import threading
+
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    buf = buffer_factory(policy="fixed", max_staleness=1, batch_groups=2)
+    buf.set_version(3)
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+    registry = Registry(model_dir, latest=3)
+    worker = make_worker(engine, ArithmeticTask(), buf, rollout_cfg, registry, [], worker_id="eval-race")
+    swaps: list[threading.Thread] = []
+
+    def eval_like_swap():  # what RolloutActor.evaluate(load_latest=True) does
+        with worker.engine_lock:
+            engine.update_weights(registry.fetch(3), 3)
+
+    class SwapWhileTokenizing:  # the engine, with an eval arriving right after the version check
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def tokenize(self, texts):
+            if not swaps:
+                swaps.append(threading.Thread(target=eval_like_swap))
+                swaps[0].start()
+                swaps[0].join(timeout=1.0)  # lands now unless the worker holds the engine lock
+            return engine.tokenize(texts)
+
+    worker.engine = SwapWhileTokenizing()
+    try:
+        assert worker.run(max_batches=1) == 1
+    finally:
+        swaps[0].join(timeout=30)
+    groups = stream_groups(buf)
+    assert len(groups) == 2 and all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
+    assert engine.version == 3  # the eval's swap happened, after the batch
+
+
 def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollout_cfg, model_dir):
     """rollout.partial: a version published while the batch generates is loaded mid-batch; the samples that
     were still running carry both versions, old tokens first."""
