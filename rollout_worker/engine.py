@@ -49,8 +49,13 @@ class Sample:
 WeightsPoll = Callable[[], "tuple[Iterable[tuple[str, torch.Tensor]], int] | None"]
 
 
+# An engine's version while a load is under way, and after one that failed half way: its weights are a mix of
+# two versions, no policy at all. The worker never generates with it and reloads before the next batch.
+UNKNOWN_VERSION = -1
+
+
 class GenerationEngine(Protocol):
-    version: int
+    version: int  # the policy version of the weights loaded; UNKNOWN_VERSION during or after a failed load
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -118,7 +123,9 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Load checkpoint-format (HF names) weights in place, then drop every cached prefix (its KV was
-        computed by the old weights)."""
+        computed by the old weights). Buckets arrive while they load, so a fetch that fails half way leaves the
+        weights mixed: the version stays UNKNOWN_VERSION until the last tensor is in."""
+        self.version = UNKNOWN_VERSION
         self.llm.collective_rpc("staleflow_load_weights", args=(named_tensors,))
         self.llm.reset_prefix_cache()
         self.version = version

@@ -30,7 +30,7 @@ import torch
 from buffer.redis_buffer import Admission, StalenessBuffer
 from buffer.trajectory import Trajectory, TrajectoryGroup
 from rollout_worker.config import RolloutConfig, TaskConfig
-from rollout_worker.engine import GenerationEngine, Sample
+from rollout_worker.engine import UNKNOWN_VERSION, GenerationEngine, Sample
 from rollout_worker.tasks import Prompt, Task, score
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,11 @@ class RolloutWorker:
                     self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
                     self.report(self.step, metrics)
                     return None
+            if self.engine.version == UNKNOWN_VERSION:  # a load failed half way: mixed weights are no policy
+                self.buffer.release(self.worker_id)
+                self.report(self.step, metrics)
+                self._stop.wait(self.admit_wait_s)  # the next batch reloads; do not spin on admission meanwhile
+                return None
 
             t0 = time.perf_counter()
             prompts = list(itertools.islice(self._prompts, adm.granted))

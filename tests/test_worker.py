@@ -57,12 +57,13 @@ def stream_groups(buf):
     return [decode_group(fields[b"d"]) for _, fields in buf.r.xrange(f"{buf.cfg.prefix}:stream")]
 
 
-def make_worker(engine, task, buf, cfg, registry, reports, worker_id="w0"):
+def make_worker(engine, task, buf, cfg, registry, reports, worker_id="w0", **kwargs):
     from rollout_worker.config import TaskConfig
     from rollout_worker.worker import RolloutWorker
 
     return RolloutWorker(engine, task, buf, cfg, TaskConfig(), worker_id=worker_id, get_latest=registry.get_latest,
-                         fetch=registry.fetch, report=lambda step, values: reports.append((step, dict(values))))
+                         fetch=registry.fetch, report=lambda step, values: reports.append((step, dict(values))),
+                         **kwargs)
 
 
 def test_worker_pushes_well_formed_groups_and_loads_newer_weights(engine, buffer_factory, rollout_cfg, model_dir):
@@ -195,6 +196,39 @@ def test_an_eval_swapping_weights_mid_batch_cannot_change_the_version_a_fixed_ba
     groups = stream_groups(buf)
     assert len(groups) == 2 and all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
     assert engine.version == 3  # the eval's swap happened, after the batch
+
+
+def test_a_weight_load_that_fails_half_way_is_never_generated_with(engine, buffer_factory, rollout_cfg, model_dir):
+    """Buckets load as they arrive: a fetch lost after the first half leaves the engine with two versions' weights.
+    No batch may come of them (they would be labelled with either version, wrongly); the next batch reloads."""
+    from rollout_worker.engine import UNKNOWN_VERSION
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    class LosesTheSecondHalfOnce(Registry):
+        def fetch(self, version):
+            items = list(super().fetch(version))
+            if self.fetched.count(version) > 1:
+                return items
+
+            def half_then_lost():
+                yield from items[: len(items) // 2]
+                raise ConnectionError("object store: bucket 2/2 lost")
+
+            return half_then_lost()
+
+    buf = buffer_factory(policy="bounded", max_staleness=4, batch_groups=2)
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+    registry = LosesTheSecondHalfOnce(model_dir, latest=1)
+    reports = []
+    worker = make_worker(engine, ArithmeticTask(), buf, rollout_cfg, registry, reports, worker_id="half-load",
+                         admit_wait_s=0.05)
+    assert worker.run_batch() is False
+    assert engine.version == UNKNOWN_VERSION and stream_groups(buf) == []
+    assert buf.stats().outstanding == 0  # the grant it could not use went back
+    assert reports[-1][1]["weights/fetch_errors"] == 1
+    assert worker.run_batch() is True
+    assert registry.fetched == [1, 1] and engine.version == 1
+    assert all(g.version_min == g.version_max == 1 for g in stream_groups(buf))
 
 
 def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollout_cfg, model_dir):
