@@ -15,7 +15,6 @@ fewer micro-batches run zero-loss dummy micro-batches so that ZeRO's per-backwar
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,22 +29,18 @@ from learner.config import LearnerConfig
 _STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> None:
     """Join the process group set up by a launcher (RANK/WORLD_SIZE/MASTER_*), or make a world of one."""
     if dist.is_initialized():
         return
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
+    if "RANK" not in os.environ:
+        # A world of one rendezvous in memory: no TCP port to choose (a probed free port can be taken by another
+        # process before the store binds it: EADDRINUSE). DeepSpeed adopts a process group that already exists.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
