@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 
 import redis

@@ -37,8 +37,16 @@ from services.registry import start_registry
 log = logging.getLogger(__name__)
 
 
-class LearnerDied(RuntimeError):
-    """The learner actor's process is gone (killed, OOM, node lost): the run cannot go on; it can resume."""
+class RunFailed(RuntimeError):
+    """The run cannot go on; it stops cleanly (checkpoint if the learner lives) and can be resumed."""
+
+
+class LearnerDied(RunFailed):
+    """The learner actor's process is gone (killed, OOM, node lost)."""
+
+
+class WorkersLost(RunFailed):
+    """A rollout worker keeps dying and its restarts (rollout.max_restarts) are used up."""
 
 
 def _from_learner(ref: ray.ObjectRef) -> Any:
@@ -167,7 +175,8 @@ class Run:
                 self.runs[i] = self.workers[i].run.remote()
             except ray.exceptions.RayError as exc:
                 if self.restarts >= self.cfg.rollout.max_restarts * len(self.workers):
-                    raise RuntimeError(f"worker-{i} failed and its restarts are used up: {exc}") from exc
+                    raise WorkersLost(f"worker-{i} failed and its restarts are used up ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
                 self.restarts += 1
                 self.died_at[i] = time.monotonic()
                 console.print(f"[yellow]worker-{i} died ({type(exc).__name__}); restart {self.restarts}[/]")
@@ -186,7 +195,7 @@ class Run:
                 self.probes[i] = self.workers[i].pid.remote()
                 continue
             except ray.exceptions.RayActorError as exc:
-                raise RuntimeError(f"worker-{i} could not be restarted: {exc}") from exc
+                raise WorkersLost(f"worker-{i} could not be restarted ({type(exc).__name__})") from None
             del self.probes[i]
             took = time.monotonic() - self.died_at.pop(i)
             console.print(f"worker-{i} is back (pid {pid}, {took:.0f}s after it died); its loop starts again")
@@ -296,11 +305,13 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
-        except LearnerDied as exc:
+        except RunFailed as exc:
             died = exc
-        summary = run.stop(final_eval=not interrupted and died is None, learner_alive=died is None)
+        learner_alive = not isinstance(died, LearnerDied)
+        summary = run.stop(final_eval=not interrupted and died is None, learner_alive=learner_alive)
     if died is not None:  # one clear message, no traceback: what happened and how to go on
-        console.print(f"[bold red]error:[/] {died}; updates after its last checkpoint are redone on resume")
+        redo = "the learner checkpointed" if learner_alive else "updates after its last checkpoint are redone on resume"
+        console.print(f"[bold red]error:[/] {died}; {redo}")
         console.print(f"resume with: staleflow train --resume {run_dir}")
         return 1
     _print_summary(run_dir, summary, time.time() - t0, run.evals, interrupted)

@@ -182,6 +182,29 @@ def test_a_rollout_worker_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_pa
            final_drops={k: v for k, v in final.items() if k.startswith("buffer/drops/")})
 
 
+def test_a_worker_dying_past_its_restarts_stops_the_run_cleanly_with_a_checkpoint_to_resume(tmp_path):
+    run_dir, log = tmp_path / "wgone", tmp_path / "wgone.log"
+    driver = spawn(["train", *FAST, "learner.total_steps=50", "learner.checkpoint_every=1000",
+                    "rollout.max_restarts=0", f"runs_dir={tmp_path}", "name=wgone"], log)
+    try:
+        wait_for(lambda: len(lines(run_dir / "metrics.jsonl")) >= 2, 300, "2 updates", driver, log)
+        pid = wait_for(lambda: actor_pid(driver, "RolloutActor"), 30, "the worker's process", driver, log)
+        services = own_services(driver)
+        os.kill(pid, signal.SIGKILL)
+        code = finish(driver, 240)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = log.read_text()
+    assert code == 1, out[-4000:]
+    assert "worker-0 failed and its restarts are used up" in out and "the learner checkpointed" in out, out[-4000:]
+    assert f"staleflow train --resume {run_dir}" in out and "Traceback" not in out, out[-4000:]
+    # The learner was alive: it checkpointed where it stood (checkpoint_every alone would not have by now).
+    trained = max(r["version"] for r in lines(run_dir / "ledger.jsonl"))
+    assert int((run_dir / "checkpoints" / "latest").read_text().strip()[1:]) == trained
+    assert_gone(services)
+
+
 # ---------------------------------------------------------------- 2. the learner SIGKILLed, then --resume
 
 
