@@ -146,11 +146,12 @@ def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
 def experiment_staleness(
     s: str = typer.Option("0,4,16,64", "--s", help="Fixed staleness values (comma-separated)."),
     losses: str = typer.Option("ppo_clip,no_trust_region,m2po", "--losses"),
-    seeds: str = typer.Option("0", "--seeds"),
-    updates: int = typer.Option(100, "--updates", help="Updates per run (same for every cell)."),
+    seeds: str = typer.Option("0,1,2", "--seeds"),
+    updates: int = typer.Option(200, "--updates", help="Updates per run (same for every cell)."),
     out: Path = typer.Option(Path("runs/experiment-staleness"), "-o", "--out"),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: table and plot of finished cells."),
-    cell_timeout: Optional[float] = typer.Option(None, "--cell-timeout", help="Stop a run after this many seconds."),
+    cell_timeout: float = typer.Option(1800, "--cell-timeout",
+                                       help="Stop a run after this many seconds (it is left out; the grid goes on)."),
     args: Optional[list[str]] = ARGS,
 ) -> None:
     """Train one run per (s, loss, seed) in fixed-staleness mode; write table.md and accuracy.png."""

@@ -214,13 +214,15 @@ class Run:
         return result
 
     def train(self, display: TrainDisplay, version: int, total: int) -> int:
-        while version < total:
-            self._train_ref = ref = self.learner.train.remote(1)
+        ref = self.learner.train.remote(1) if version < total else None
+        while ref is not None:
+            self._train_ref = ref
             while not ray.wait([ref], timeout=1.0)[0]:
                 self.watch_workers()
             stats = _from_learner(ref)
-            self._train_ref = None
             version = int(stats.get("policy/version", version + 1))
+            # The next update is asked for before this one's bookkeeping, so the learner never waits on the driver.
+            self._train_ref = ref = self.learner.train.remote(1) if version < total else None
             values = dict(stats)
             buffer_values = buffer_metrics(self.buffer.stats())
             self.hub.log.remote("buffer", version, buffer_values)
