@@ -11,11 +11,11 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test soak bench setup setup-test clean help
+.PHONY: demo test lint soak bench setup setup-test clean help
 
 help:
 	@echo "make demo   - train the tiny CPU model with M2PO end to end (staleflow train)"
-	@echo "make test   - run the test suite (installs .venv and redis-server first)"
+	@echo "make test   - lint (ruff), then the test suite (installs .venv and redis-server first)"
 	@echo "make bench  - run the benchmarks (JSON figures)"
 	@echo "make soak   - bounded soak test (~10 min)"
 
@@ -52,8 +52,11 @@ setup-test: $(STAMP)
 demo: setup
 	$(VENV)/bin/staleflow train
 
-test: setup-test
+test: setup-test lint
 	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -131,12 +131,12 @@ def main() -> None:
                     order = [("raw_" + phase, raw_fn), (phase, buf_fn)]
                     if (k + rnd) % 2:
                         order.reverse()  # neither side always goes first
-                    t = {name: timed(lambda fn=fn: fn(lo, hi)) for name, fn in order}
+                    t = {name: timed(lambda fn=fn, lo=lo, hi=hi: fn(lo, hi)) for name, fn in order}
                     for name, dt in t.items():
                         times.setdefault(name, []).append((hi - lo) / dt)
                     ratios[phase].append(t["raw_" + phase] / t[phase])
                     if phase == "pull":
-                        times.setdefault("decode_only", []).append((hi - lo) / timed(lambda: decode_only(lo, hi)))
+                        times.setdefault("decode_only", []).append((hi - lo) / timed(lambda lo=lo, hi=hi: decode_only(lo, hi)))
                 if phase == "pull":
                     reset()
         r.close()

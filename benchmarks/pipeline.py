@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks._stdout import stdout_to_stderr  # noqa: E402
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout: keep it JSON only
 
@@ -43,8 +44,8 @@ def standalone(cfg, rollout_batches: int, learner_updates: int) -> dict:
     """Rollout alone into a real Redis, then the learner alone on what it produced."""
     import torch
 
-    from buffer.server import EmbeddedRedis, connect
     from buffer.redis_buffer import StalenessBuffer
+    from buffer.server import EmbeddedRedis, connect
     from learner.loop import Learner
     from rollout_worker.engine import build_engine
     from rollout_worker.tasks import load_task

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks._stdout import stdout_to_stderr  # noqa: E402
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
@@ -77,7 +78,6 @@ def trl_run(cfg, model_dir: Path, updates: int, eval_every: int) -> dict:
     per_update = cfg.buffer.batch_groups
     stream = task.train_prompts(cfg.task.seed)
     prompts = [next(stream) for _ in range(per_update * updates)]
-    answers = {p.text: p.answer for p in prompts}
     data = Dataset.from_dict({"prompt": [p.text for p in prompts], "answer": [p.answer for p in prompts]})
     held = task.eval_prompts()
     tok = AutoTokenizer.from_pretrained(str(model_dir))

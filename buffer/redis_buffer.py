@@ -52,7 +52,16 @@ from dataclasses import dataclass
 import redis
 
 from buffer.config import BufferConfig
-from buffer.staleness import ACK_LUA, ADMIT_LUA, DISCARD_LUA, PUSH_LUA, RELEASE_LUA, Verdict, decide, staleness
+from buffer.staleness import (
+    ACK_LUA,
+    ADMIT_LUA,
+    DISCARD_LUA,
+    PUSH_LUA,
+    RELEASE_LUA,
+    Verdict,
+    decide,
+    staleness,
+)
 from buffer.stats import BufferStats, ProducerStats
 from buffer.trajectory import MalformedEntry, TrajectoryGroup, decode_group, encode_group
 

@@ -91,7 +91,7 @@ def run_cell(
            f"runs_dir={runs_dir}", f"name={cell.name}", "metrics.dashboard=false"]
     env = {**os.environ, "STALEFLOW_QUIET": "1"}
     log_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1 + retries):  # a loaded machine can time out Ray's start-up: try the cell again
+    for _ in range(1 + retries):  # a loaded machine can time out Ray's start-up: try the cell again
         if run_dir.exists():
             shutil.rmtree(run_dir)
         t0 = time.time()

@@ -71,9 +71,8 @@ def learner_config(budget: int, **fields):
 
 
 def _save(trainer, stats: dict, out: Path, name: str) -> None:
-    from safetensors.torch import save_file
-
     import deepspeed
+    from safetensors.torch import save_file
 
     named = list(trainer.named_tensors())
     with deepspeed.zero.GatheredParameters([p for _, p in named if hasattr(p, "ds_id")]):  # ZeRO-3: full tensors

@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import dockerfile

@@ -13,8 +13,8 @@ from rollout_worker.tiny_model import (
     STAMP,
     WarmStart,
     _without_carries,
-    build_tokenizer,
     build_tiny_model,
+    build_tokenizer,
     ensure_tiny_model,
 )
 

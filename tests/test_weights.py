@@ -137,8 +137,8 @@ def test_publish_fetch_round_trip_through_ray(registry):
         tensors["big"] = torch.randn(300_000).to(dtype)  # over the 1 MB bucket in float32: several buckets
         tensors["big2"] = torch.randn(1000, 300).to(dtype).t()
         published, fetched_metrics = [], []
-        pub = WeightPublisher(registry, bucket_mb=1, metrics=lambda s, v: published.append((s, dict(v))))
-        fetcher.metrics = lambda step, v: fetched_metrics.append((step, dict(v)))
+        pub = WeightPublisher(registry, bucket_mb=1, metrics=lambda s, v, out=published: out.append((s, dict(v))))
+        fetcher.metrics = lambda step, v, out=fetched_metrics: out.append((step, dict(v)))
         stats = pub.publish(Params(tensors), version=version)
         assert stats.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
         assert stats.buckets >= (3 if dtype == torch.float32 else 2)

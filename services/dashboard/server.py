@@ -108,7 +108,7 @@ def read_records(path: Path, offset: int) -> dict[str, Any]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "DashboardServer"
+    server: DashboardServer
 
     def log_message(self, fmt: str, *args: Any) -> None:  # the console is for the URL, not per-request noise
         log.debug("dashboard: " + fmt, *args)
