@@ -91,7 +91,10 @@ class RolloutActor:
     """A rollout worker (vLLM) as a threaded actor: run() loops in one thread; stop() and evaluate() come in on
     another (max_concurrency=3)."""
 
-    def __init__(self, cfg: Config, model_dir: str, worker_id: str, redis: RedisEndpoint, registry: Any, hub: Any):
+    def __init__(self, cfg: Config, model_dir: str, worker_id: str, redis: RedisEndpoint, registry_name: str,
+                 hub_name: str | None):
+        import ray
+
         from rollout_worker.engine import build_engine
         from rollout_worker.tasks import load_task
         from rollout_worker.weights import WeightsFetcher
@@ -101,6 +104,10 @@ class RolloutActor:
         self.worker_id = worker_id
         self.engine = build_engine(model_dir, cfg.rollout)
         self.task = load_task(cfg.task)
+        # The registry and the hub come by name, not as handles: Ray keeps handle arguments of a restartable
+        # actor in the object store and warns on every run that a restart would need them.
+        registry = ray.get_actor(registry_name, namespace=cfg.cluster.namespace)
+        hub = ray.get_actor(hub_name, namespace=cfg.cluster.namespace) if hub_name else None
         logger = metrics_logger(hub, f"rollout/{worker_id}") if hub is not None else None
         self.fetcher = WeightsFetcher(registry, timeout_s=cfg.weights.timeout_s, metrics=logger)
         self.hub = hub

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from services.config import Config, dump_config
 from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
 from services.metrics import MetricsHub, buffer_metrics
 from services.progress import TrainDisplay
-from services.registry import start_registry
+from services.registry import REGISTRY_NAME, start_registry
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,17 @@ class Run:
 
     def __init__(self, cfg: Config, run_dir: Path, redis: RedisEndpoint, model_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
-        self.registry = start_registry(cfg.weights.keep_versions, namespace=cfg.cluster.namespace)
+        # Names unique to this run: two runs in one Ray namespace must not share (get_if_exists) a registry.
+        run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+        registry_name, hub_name = f"{REGISTRY_NAME}-{run_id}", f"staleflow-metrics-{run_id}"
+        self.registry = start_registry(cfg.weights.keep_versions, namespace=cfg.cluster.namespace, name=registry_name)
         # The hub serves Prometheus where the driver runs (compose scrapes learner:9400; a user's browser and
         # `staleflow dashboard` read the run directory there too).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.hub = (
             ray.remote(MetricsHub)
-            .options(num_cpus=0, max_concurrency=4, scheduling_strategy=here)
+            .options(name=hub_name, namespace=cfg.cluster.namespace, num_cpus=0, max_concurrency=4,
+                     scheduling_strategy=here)
             .remote(str(run_dir), cfg.metrics)
         )
         gpu = cfg.learner.gpus > 0
@@ -140,7 +145,7 @@ class Run:
                 max_concurrency=3,
                 runtime_env={"env_vars": actor_env(cfg, cfg.rollout.cpu_threads)},
             )
-            .remote(cfg, model_dir, f"worker-{i}", redis, self.registry, self.hub)
+            .remote(cfg, model_dir, f"worker-{i}", redis, registry_name, hub_name)
             for i in range(cfg.rollout.num_workers)
         ]
         # The driver's own view of the buffer: its statistics go to the hub ("buffer" source) every update.
