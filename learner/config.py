@@ -14,9 +14,10 @@ class LearnerConfig(BaseModel):
 
     loss: LossName = "m2po"
     loss_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {tau: 0.04} or {eps_high: 0.28}.")
-    behaviour_logp: Literal["rollout", "recompute"] = Field(
-        "rollout", description="rollout: the engine's log-probs; recompute: the learner's, at generation version."
-    )
+    # Only "rollout" exists: the engine's log-probs, with the train/inference mismatch logged apart
+    # (mismatch/abs_logp_diff). "recompute" (the learner's numerics at the generation version, as the paper's
+    # code does) is refused rather than silently ignored until it is built (docs/learner.md).
+    behaviour_logp: Literal["rollout"] = Field("rollout", description="rollout: the engine's log-probs.")
     lr: float = Field(3e-4, gt=0, description="The demo's tiny model; the paper used 1e-6 on 1.5B-32B.")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

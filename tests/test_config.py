@@ -38,6 +38,8 @@ def test_files_merge_left_to_right_then_overrides(tmp_path):
         ("buffer.policy=sometimes", "buffer.policy:"),
         ("lerner.lr=1", "lerner: unknown key (did you mean 'learner'?)"),
         ("learner", "expected key=value"),
+        # not built: refused, not silently ignored
+        ("learner.behaviour_logp=recompute", "learner.behaviour_logp: Input should be 'rollout'"),
     ],
 )
 def test_bad_override_is_one_clear_line(override, expected):
