@@ -13,8 +13,11 @@ One config (default configs/tiny-cpu.yaml), four measurements, all in samples (r
 - async: `staleflow train` with the config's own staleness policy (tiny-cpu: bounded, s <= 2).
 The two train runs are timed from their first to their last update (metrics.jsonl timestamps), so process,
 Ray and model start-up are left out. The machine has 2 cores: each side gets one thread (rollout.cpu_threads=1,
-learner.cpu_threads=1), the same in the standalone phases. Prints JSON: async/sync speedup and
-async / min(standalone) efficiency (the ideal pipeline runs at the slower side's standalone rate).
+learner.cpu_threads=1), the same in the standalone phases. Each train run also reports `cores_used`: the CPU
+each process of the run used during the timed span (cores, sampled with psutil every 0.5 s), by role (learner,
+rollout worker, driver, metrics hub, registry, redis, Ray's daemons), which shows how the two sides and the
+plumbing share the 2 cores. Prints JSON: async/sync speedup and async / min(standalone) efficiency (the ideal
+pipeline runs at the slower side's standalone rate).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,8 +95,65 @@ def standalone(cfg, rollout_batches: int, learner_updates: int) -> dict:
     }
 
 
+def _role(cmdline: list[str]) -> str:
+    """What a process of a train run is, for the CPU breakdown."""
+    line = " ".join(cmdline)
+    for actor in ("LearnerActor", "RolloutActor", "MetricsHub", "WeightRegistry"):
+        if line.startswith(f"ray::{actor}"):
+            return actor
+    if "redis-server" in line:
+        return "redis"
+    if "services.cli" in line:
+        return "driver"
+    return "ray_daemons"  # raylet, gcs_server, dashboard agents, idle workers
+
+
+class CpuSampler(threading.Thread):
+    """Every `every_s`, the cumulative CPU seconds of a process tree, by role: cores used over any window."""
+
+    def __init__(self, root_pid: int, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.root, self.every_s, self.samples = root_pid, every_s, []  # [(wall time, {role: cpu seconds})]
+        self._stop_event = threading.Event()
+        self._seen: dict[int, tuple[str, float]] = {}  # pid -> (role, last cpu seconds): exited ones still count
+
+    def run(self) -> None:
+        import psutil
+
+        while not self._stop_event.wait(self.every_s):
+            try:
+                procs = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        t = p.cpu_times()
+                        self._seen[p.pid] = (self._seen.get(p.pid, (None,))[0] or _role(p.cmdline()),
+                                             t.user + t.system)
+                except psutil.Error:
+                    continue
+            by_role: dict[str, float] = {}
+            for role, cpu in self._seen.values():
+                by_role[role] = by_role.get(role, 0.0) + cpu
+            self.samples.append((time.time(), by_role))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def cores(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores each role used between wall times t0 and t1 (the nearest samples inside the window)."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return {}
+        (a_t, a), (b_t, b) = inside[0], inside[-1]
+        return {role: round((b.get(role, 0.0) - a.get(role, 0.0)) / (b_t - a_t), 2) for role in sorted(b)}
+
+
 def train_rate(args: list[str], name: str, runs_dir: Path) -> dict:
-    """A real `staleflow train`; samples/s between its first and last update."""
+    """A real `staleflow train`; samples/s between its first and last update, and the cores each process
+    used meanwhile."""
     cmd = [sys.executable, "-m", "services.cli", "train", *args, f"runs_dir={runs_dir}", f"name={name}",
            "metrics.dashboard=false", "learner.eval_every=0", "learner.checkpoint_every=1000000"]
     t0 = time.time()
@@ -100,7 +161,13 @@ def train_rate(args: list[str], name: str, runs_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     for _ in range(2):  # on a crowded machine a start-up can lose a race for a port: one more try
         shutil.rmtree(runs_dir / name, ignore_errors=True)
-        out = subprocess.run(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "STALEFLOW_QUIET": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        sampler = CpuSampler(proc.pid)
+        sampler.start()
+        stdout, stderr = proc.communicate()
+        sampler.stop()
+        out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
         if out.returncode == 0:
             break
         print(f"{name}: staleflow train exited {out.returncode}, trying again:\n{out.stderr[-1500:]}", file=sys.stderr)
@@ -112,7 +179,8 @@ def train_rate(args: list[str], name: str, runs_dir: Path) -> dict:
     samples = sum(r["train/sequences"] for r in recs[1:])  # the first update's samples fall before the span
     stale = [r.get("staleness/mean", 0.0) for r in recs]
     return {"samples_per_s": samples / span, "updates": len(recs), "timed_s": span,
-            "wall_s_with_startup": time.time() - t0, "staleness_mean": sum(stale) / len(stale)}
+            "wall_s_with_startup": time.time() - t0, "staleness_mean": sum(stale) / len(stale),
+            "cores_used": sampler.cores(recs[0]["time"], recs[-1]["time"])}
 
 
 def main() -> None:
@@ -140,8 +208,8 @@ def main() -> None:
         "samples_per_update": cfg.buffer.batch_groups * cfg.rollout.n,
         "async_policy": f"{cfg.buffer.policy} s={cfg.buffer.max_staleness}",
         "standalone": {k: round(v, 2) for k, v in sa.items()},
-        "sync": {k: round(v, 3) for k, v in sync.items()},
-        "async": {k: round(v, 3) for k, v in asyn.items()},
+        "sync": {k: round(v, 3) if isinstance(v, float) else v for k, v in sync.items()},
+        "async": {k: round(v, 3) if isinstance(v, float) else v for k, v in asyn.items()},
         "async_vs_sync_speedup": round(asyn["samples_per_s"] / sync["samples_per_s"], 3),
         "async_vs_min_standalone_efficiency": round(asyn["samples_per_s"] / slower, 3),
         "sync_vs_min_standalone_efficiency": round(sync["samples_per_s"] / slower, 3),

@@ -53,12 +53,14 @@ def test_grid_runs_fixed_staleness_and_writes_table_and_plot(grid):
     cols = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cols[1] == "m2po" and cols[2] == "1"
     assert float(cols[3]) == pytest.approx(final["accuracy"], abs=5e-4)
-    masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
-    assert float(cols[4]) == pytest.approx(masked, abs=5e-5)
-    m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)
-    assert float(cols[5]) == pytest.approx(m2, abs=5e-5)
-
     results = json.loads((out / "results.json").read_text())
+    trained = [acc for step, acc in results[0]["curve"] if step > 0]
+    assert float(cols[4]) == pytest.approx(sum(trained) / len(trained), abs=5e-4)
+    masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
+    assert float(cols[5]) == pytest.approx(masked, abs=5e-5)
+    m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)
+    assert float(cols[6]) == pytest.approx(m2, abs=5e-5)
+
     assert results[0]["curve"][-1] == [UPDATES, pytest.approx(final["accuracy"])]
     evals = read_jsonl(run_dir / "eval.jsonl")
     assert {e["step"] for e in evals} <= {step for step, _ in results[0]["curve"]}
@@ -83,12 +85,14 @@ def test_finished_cells_are_reused(grid):
 
 def test_table_mean_and_std_over_seeds():
     def result(seed: int, acc: float, m2: float | None) -> CellResult:
-        return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, [(10, acc)], 0.1 * (seed + 1),
+        curve = [(0, 0.1), (10, acc / 2), (20, acc)]  # the initial point is not part of the mean over training
+        return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, curve, 0.1 * (seed + 1),
                           m2, 0.01, 60.0)
 
     md = table([result(0, 0.5, None), result(1, 0.7, None), result(0, 0.2, 0.3), result(1, 0.4, 0.5)])
     rows = {r.split("|")[2].strip(): [c.strip() for c in r.strip("|").split("|")] for r in md.splitlines()[2:]}
     assert rows["ppo_clip"][3] == "0.600 ± 0.141"  # stdev of (0.5, 0.7)
-    assert rows["ppo_clip"][5] == "—"  # M2 is M2PO's own statistic
+    assert rows["ppo_clip"][4] == "0.450 ± 0.106"  # means over training (0.375, 0.525)
+    assert rows["ppo_clip"][6] == "—"  # M2 is M2PO's own statistic
     assert rows["m2po"][3] == "0.300 ± 0.141"
-    assert rows["m2po"][4] == "0.1500" and rows["m2po"][5] == "4.00e-01"
+    assert rows["m2po"][5] == "0.1500" and rows["m2po"][6] == "4.00e-01"
