@@ -129,8 +129,8 @@ class CpuSampler(threading.Thread):
                 try:
                     with p.oneshot():
                         t = p.cpu_times()
-                        self._seen[p.pid] = (self._seen.get(p.pid, (None,))[0] or _role(p.cmdline()),
-                                             t.user + t.system)
+                        # re-read: a Ray worker process is "ray::IDLE" until it becomes an actor
+                        self._seen[p.pid] = (_role(p.cmdline()), t.user + t.system)
                 except psutil.Error:
                     continue
             by_role: dict[str, float] = {}

@@ -68,7 +68,7 @@ class RolloutWorker:
         get_latest: GetLatest,
         fetch: Fetch,
         report: Report | None = None,
-        admit_wait_s: float = 1.0,
+        admit_wait_s: float = 0.05,
         prompts: Iterator[Prompt] | None = None,
     ):
         self.engine = engine
@@ -164,17 +164,22 @@ class RolloutWorker:
         """Wait for a grant; None if stop() came first. Time spent here is rollout/idle_s."""
         t0 = time.perf_counter()
         try:
-            wait = 0.0  # ask at once; wait only when fresher weights would not help
+            delay = 0.0
             while not self._stop.is_set():
-                adm = self.buffer.admit(self.worker_id, self.cfg.groups_per_batch, timeout_s=wait,
-                                        weights_version=self.engine.version)
+                adm = self.buffer.admit(self.worker_id, self.cfg.groups_per_batch, weights_version=self.engine.version)
                 if adm.granted > 0:
                     return adm
-                # Refused: the learner is behind, or our weights are (bounded admission counts from the older
-                # of the two). Fresher weights make the next batch less stale and may earn the grant now.
-                latest = self._latest(metrics)
-                fresher = latest is not None and latest > self.engine.version and self.buffer.cfg.policy != "fixed"
-                wait = 0.0 if fresher and self._load(latest, metrics) else self.admit_wait_s
+                # Refused: the learner is behind, or our weights are. Bounded admission counts from the older of
+                # the two, so a worker ahead of a learner that has just updated is only let in with the new
+                # weights: look for them on every retry (waiting in admit() with the old ones cannot succeed,
+                # and cost a whole wait per learner update: half the throughput of a learner-bound pipeline).
+                if self.buffer.cfg.policy != "fixed":
+                    latest = self._latest(metrics)
+                    if latest is not None and latest > self.engine.version and self._load(latest, metrics):
+                        delay = 0.0
+                        continue
+                delay = min(max(2 * delay, 0.005), self.admit_wait_s)  # 5 ms doubling to admit_wait_s
+                self._stop.wait(delay)
             return None
         finally:
             metrics["rollout/idle_s"] = time.perf_counter() - t0

@@ -231,6 +231,50 @@ def test_a_weight_load_that_fails_half_way_is_never_generated_with(engine, buffe
     assert all(g.version_min == g.version_max == 1 for g in stream_groups(buf))
 
 
+def test_a_worker_refused_for_old_weights_looks_for_new_ones_at_every_retry(engine, buffer_factory, rollout_cfg,
+                                                                              model_dir):
+    """Bounded admission counts from min(learner version, worker version): a worker one batch ahead of a learner
+    that has just updated is let in only with the new weights. It must look for them between retries, not wait
+    inside admit() with the old ones (that cost one whole admission wait per learner update)."""
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    buf = buffer_factory(policy="bounded", max_staleness=0, batch_groups=rollout_cfg.groups_per_batch)
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+
+    class LearnerUpdatesWhileAsked(Registry):  # the learner: version 1 in the buffer, then its weights published
+        asked = 0
+
+        def get_latest(self):
+            self.asked += 1
+            if self.asked == 3:
+                buf.set_version(1)
+            if self.asked == 6:
+                self.latest = 1
+            return self.latest
+
+    class Recording:  # the real buffer, with each admission's arguments and answer recorded
+        calls: list = []
+
+        def __getattr__(self, name):
+            return getattr(buf, name)
+
+        def admit(self, worker_id, n, **kwargs):
+            adm = buf.admit(worker_id, n, **kwargs)
+            self.calls.append((kwargs, adm.granted))
+            return adm
+
+    registry = LearnerUpdatesWhileAsked(model_dir)
+    recording = Recording()
+    worker = make_worker(engine, ArithmeticTask(), recording, rollout_cfg, registry, [], worker_id="catch-up")
+    assert worker.run(max_batches=2) == 2
+    assert registry.fetched == [1]
+    assert [g.version_min for g in stream_groups(buf)] == [0] * 2 + [1] * 2
+    refused = [kw for kw, granted in recording.calls if not granted]
+    assert len(refused) >= 2 and all(kw["weights_version"] == 0 for kw in refused)
+    assert all(not kw.get("timeout_s") for kw, _ in recording.calls)  # never blocks with the old weights
+    assert registry.asked >= len(refused) + 1  # it asked for newer weights after every refusal
+
+
 def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollout_cfg, model_dir):
     """rollout.partial: a version published while the batch generates is loaded mid-batch; the samples that
     were still running carry both versions, old tokens first."""
