@@ -21,6 +21,7 @@ lowest of their best accuracies). Ratios are staleflow / TRL (> 1: staleflow fas
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--skip-staleflow", action="store_true", help="TRL only (its samples/s and accuracy)")
     ap.add_argument("overrides", nargs="*")
+    if importlib.util.find_spec("trl") is None:  # before any run: say what to install, not a traceback later
+        sys.exit("benchmarks/vs_trl.py needs TRL, the `bench` extra: pip install -e '.[bench]' (or: make bench)")
     a = ap.parse_args()
     from services.config import load_config
     from services.train import resolve_model
