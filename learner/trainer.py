@@ -186,10 +186,16 @@ class Trainer:
 
         stats: dict[str, float | list] = {}
         self.engine.train()
+        first = None  # the first micro-batch's (logp, entropy), when its grad forward already ran
         if cfg.loss == "m2po":
             tau = float(params.get("tau", loss_defaults("m2po")["tau"]))
+            if self.world_size == 1 and len(mbs) == 1:
+                # The whole batch is one micro-batch on one rank: the grad pass's own forward has every token's
+                # ratio, so the threshold comes from it (no extra no-grad forward: ~20% of a small step).
+                first = self._response_logp(mbs[0], with_entropy=True)
             threshold, m2_stats = self._global_m2po_threshold(
-                mbs, tau, m2po_trust_region_values, m2po_threshold, int(denominator)
+                mbs, tau, m2po_trust_region_values, m2po_threshold, int(denominator),
+                logps=None if first is None else [first[0].detach()],
             )
             params["threshold"] = threshold
             stats.update(m2_stats)
@@ -200,7 +206,7 @@ class Trainer:
                 self._dummy_backward()
                 continue
             mb = mbs[i]
-            logp, entropy = self._response_logp(mb, with_entropy=True)
+            logp, entropy = first if (i == 0 and first is not None) else self._response_logp(mb, with_entropy=True)
             blogp = mb.behaviour_logp.to(self.device)
             adv = mb.advantages.to(self.device)
             mask = mb.mask.to(self.device)
@@ -225,17 +231,21 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def _global_m2po_threshold(self, mbs, tau, values_fn, threshold_fn, total_tokens) -> tuple[torch.Tensor, dict]:
+    def _global_m2po_threshold(self, mbs, tau, values_fn, threshold_fn, total_tokens, logps=None
+                               ) -> tuple[torch.Tensor, dict]:
         # Same micro-batches, same (train) mode as the grad pass: each token's (log r)^2 is recomputed
-        # bit-identically there, so the loss masks exactly the tokens selected here.
+        # bit-identically there, so the loss masks exactly the tokens selected here. `logps`: the micro-batches'
+        # log-probs when the caller already has them (from the grad pass's forward itself).
+        if logps is None:
+            logps = [self._response_logp(mb, with_entropy=False)[0] for mb in mbs]
         local = [
             values_fn(
-                self._response_logp(mb, with_entropy=False)[0],
+                logp,
                 mb.behaviour_logp.to(self.device),
                 mb.advantages.to(self.device),
                 mb.mask.to(self.device),
             ).float()
-            for mb in mbs
+            for logp, mb in zip(logps, mbs)
         ]
         values = all_gather_variable(torch.cat(local) if local else torch.zeros(0, device=self.device))
         threshold = threshold_fn(values, tau).to(self.device)
