@@ -196,44 +196,45 @@ class RolloutWorker:
         if adm is None:
             return None
         with self.engine_lock:  # the weights checked here are the weights that generate (see __init__)
-            if adm.required_version is not None and adm.required_version != self.engine.version:
-                if not self._load(adm.required_version, metrics):
-                    self.buffer.release(self.worker_id)  # cannot honour this grant: give it back
-                    self.report(self.step, metrics)
-                    return None
-            if self.engine.version == UNKNOWN_VERSION:  # a load failed half way: mixed weights are no policy
+            failed = adm.required_version not in (None, self.engine.version) and not self._load(
+                adm.required_version, metrics)
+            # UNKNOWN_VERSION: a load (ours or an eval's) failed half way; mixed weights are no policy
+            if not failed and self.engine.version != UNKNOWN_VERSION:
+                return self._generate_admitted(adm, latest, metrics)
+            self.buffer.release(self.worker_id)  # these weights cannot honour the grant: give it back
+            self.report(self.step, metrics)
+        self._stop.wait(self.admit_wait_s)  # the next batch loads again; no spinning on admission, nor the lock
+        return None
+
+    def _generate_admitted(self, adm: Admission, latest: int | None, metrics: dict[str, float]) -> _Batch | None:
+        """Prompts and generation for a grant, with the engine lock held and the right weights loaded."""
+        t0 = time.perf_counter()
+        prompts = list(itertools.islice(self._prompts, adm.granted))
+        if len(prompts) < adm.granted:  # a finite prompt stream ran out: this is the last batch
+            log.info("worker %s: prompt stream exhausted", self.worker_id)
+            self._stop.set()
+            if not prompts:
+                self.buffer.release(self.worker_id)
+                return None
+        prompt_ids = self.engine.tokenize([p.text for p in prompts])
+        fits = [len(ids) < self.cfg.max_model_len for ids in prompt_ids]
+        if not all(fits):  # vLLM refuses a prompt that fills the context: drop it, count it, return its grant
+            metrics["rollout/prompts_too_long"] = fits.count(False)
+            log.warning("worker %s: dropped %d prompts of >= %d tokens", self.worker_id, fits.count(False),
+                        self.cfg.max_model_len)
+            prompts = [p for p, ok in zip(prompts, fits) if ok]
+            prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
+            if not prompts:
                 self.buffer.release(self.worker_id)
                 self.report(self.step, metrics)
-                self._stop.wait(self.admit_wait_s)  # the next batch reloads; do not spin on admission meanwhile
                 return None
-
-            t0 = time.perf_counter()
-            prompts = list(itertools.islice(self._prompts, adm.granted))
-            if len(prompts) < adm.granted:  # a finite prompt stream ran out: this is the last batch
-                log.info("worker %s: prompt stream exhausted", self.worker_id)
-                self._stop.set()
-                if not prompts:
-                    self.buffer.release(self.worker_id)
-                    return None
-            prompt_ids = self.engine.tokenize([p.text for p in prompts])
-            fits = [len(ids) < self.cfg.max_model_len for ids in prompt_ids]
-            if not all(fits):  # vLLM refuses a prompt that fills the context: drop it, count it, return its grant
-                metrics["rollout/prompts_too_long"] = fits.count(False)
-                log.warning("worker %s: dropped %d prompts of >= %d tokens", self.worker_id, fits.count(False),
-                            self.cfg.max_model_len)
-                prompts = [p for p, ok in zip(prompts, fits) if ok]
-                prompt_ids = [ids for ids, ok in zip(prompt_ids, fits) if ok]
-                if not prompts:
-                    self.buffer.release(self.worker_id)
-                    self.report(self.step, metrics)
-                    return None
-            version = self.engine.version
-            # Partial rollouts make no sense when the admission pins the version (fixed policy).
-            poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
-            t_start = time.time()
-            groups = self.engine.generate(prompt_ids, self.cfg.n, temperature=self.cfg.temperature,
-                                          max_tokens=self.cfg.max_tokens, poll_weights=poll,
-                                          poll_every_s=self.cfg.partial_poll_s)
+        version = self.engine.version
+        # Partial rollouts make no sense when the admission pins the version (fixed policy).
+        poll = self._poll_weights if (self.cfg.partial and adm.required_version is None) else None
+        t_start = time.time()
+        groups = self.engine.generate(prompt_ids, self.cfg.n, temperature=self.cfg.temperature,
+                                      max_tokens=self.cfg.max_tokens, poll_weights=poll,
+                                      poll_every_s=self.cfg.partial_poll_s)
         metrics["rollout/generate_s"] = time.perf_counter() - t0
         if latest is not None:
             metrics["rollout/version_lag"] = max(0, latest - version)
