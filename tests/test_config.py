@@ -50,6 +50,13 @@ def test_bad_override_is_one_clear_line(override, expected):
     assert "\n" not in message
 
 
+def test_fixed_staleness_refuses_skipped_weight_versions():
+    # fixed trains update V on exactly version V - s: an unpublished version would stall the run forever
+    with pytest.raises(ConfigError, match=r"weights.publish_every must be 1 \(got 2\)"):
+        load_config([], ["buffer.policy=fixed", "weights.publish_every=2"])
+    assert load_config([], ["buffer.policy=bounded", "weights.publish_every=2"]).weights.publish_every == 2
+
+
 def test_bad_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config([tmp_path / "missing.yaml"])
