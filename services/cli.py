@@ -142,6 +142,22 @@ def buffer_stats(args: Optional[list[str]] = ARGS) -> None:
         typer.echo(buffer_stats_json(resolve(args)))
 
 
+@experiment_app.command("demo")
+def experiment_demo(
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Tiny-model seeds (model.tiny_seed)."),
+    capabilities: str = typer.Option("default,avx2,avx512", "--capabilities",
+                                     help="ATEN_CPU_CAPABILITY values: the CPU kernels to imitate."),
+    out: Path = typer.Option(Path("runs/experiment-demo"), "-o", "--out"),
+    args: Optional[list[str]] = ARGS,
+) -> None:
+    """The demo over tiny-model seeds x CPU dispatch settings: warm start, final accuracy, wall time."""
+    from services.experiment_demo import run_demo_table
+
+    resolve(args)  # a bad override fails here, once, not in every cell
+    run_demo_table([int(v) for v in seeds.split(",")], capabilities.split(","), list(args or []), out,
+                   echo=typer.echo)
+
+
 @experiment_app.command("staleness")
 def experiment_staleness(
     s: str = typer.Option("0,4,16,64", "--s", help="Fixed staleness values (comma-separated)."),
