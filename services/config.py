@@ -33,7 +33,6 @@ class ModelConfig(BaseModel):
     path: str = "tiny"
     tiny_dir: str = ".cache/staleflow/tiny-model"
     tiny_seed: int = 0
-    max_seq_len: int = Field(512, ge=16)
 
 
 class WeightsConfig(BaseModel):
@@ -59,7 +58,6 @@ class MetricsConfig(BaseModel):
     wandb: bool = False
     wandb_project: str = "staleflow"
     wandb_mode: Literal["online", "offline"] = "offline"
-    log_every: int = Field(1, ge=1)
 
 
 class ClusterConfig(BaseModel):
@@ -164,7 +162,7 @@ def _explain(err: ValidationError) -> str:
         return f"{loc}: unknown key{_closest(loc)}"
     value = e.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{loc}: {e['msg']}{shown}"
+    return f"{loc}: {e['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:

@@ -108,3 +108,73 @@ def test_cli_config_show_prints_resolved_yaml():
 def test_no_arguments_is_the_cpu_demo():
     """`staleflow train` with no arguments must run exactly configs/tiny-cpu.yaml."""
     assert load_config([]) == load_config([REPO / "configs" / "tiny-cpu.yaml"])
+
+
+# ------------------------------------------------------------------------------ nothing accepted and ignored
+
+# Settings that exist only to be refused until what they ask for is built: each must fail with one line.
+REFUSED = {"learner.num_processes": (2, "data-parallel learner is not built yet")}
+SKIP_DIRS = {".venv", "tests", ".cache", "runs", "node_modules", ".git"}
+
+
+def _fields(model, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, field name) of every leaf setting, through nested sections."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _fields(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", name))
+    return out
+
+
+def _unread(model, code: str) -> list[str]:
+    import re
+
+    return [key for key, name in _fields(model) if not re.search(rf"\b{re.escape(name)}\b", code)]
+
+
+def _project_code() -> str:
+    files = [p for p in REPO.rglob("*.py")
+             if not SKIP_DIRS & set(p.relative_to(REPO).parts) and p.name != "config.py"]
+    return "\n".join(p.read_text(errors="ignore") for p in files)
+
+
+def test_every_setting_is_read_by_code_outside_config_and_tests():
+    from services.config import Config
+
+    unread = sorted(set(_unread(Config, _project_code())) - set(REFUSED))
+    assert not unread, f"settings no code reads (honour, remove, or refuse them with one line): {unread}"
+
+
+def test_the_settings_walk_finds_an_unread_field():
+    # the walk itself: a nested section with one field the code reads and one it does not
+    from pydantic import BaseModel, Field
+
+    class Inner(BaseModel):
+        read_me: int = 1
+        never_read_xyz: int = 2
+
+    class Outer(BaseModel):
+        inner: Inner = Field(default_factory=Inner)
+        top_level: str = "a"
+
+    assert _unread(Outer, "cfg.inner.read_me + len(cfg.top_level)") == ["inner.never_read_xyz"]
+
+
+@pytest.mark.parametrize("key", sorted(REFUSED))
+def test_refused_settings_fail_with_one_line(key):
+    value, message = REFUSED[key]
+    with pytest.raises(ConfigError) as err:
+        load_config([], [f"{key}={value}"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    load_config([], [])  # the default is accepted
+
+
+@pytest.mark.parametrize("key", ["model.max_seq_len", "metrics.log_every"])
+def test_removed_settings_are_unknown_keys(key):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config([], [f"{key}=1"])
