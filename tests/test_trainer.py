@@ -116,3 +116,29 @@ def test_m2po_step_is_split_invariant_and_matches_a_plain_torch_update(rows, tmp
         # fraction of lr, so compare at 1e-4 (a wrong mask or weighting moves many weights by ~2 lr).
         diff = max((params[k] - ref[k]).abs().max().item() for k in ref)
         assert diff < 1e-4, (name, diff)
+
+
+@pytest.mark.parametrize("learner_version", [0, 3])
+def test_the_mismatch_is_measured_only_on_fresh_tokens_and_absent_without_them(learner_version):
+    """mismatch/abs_logp_diff: mean |log r| over staleness-0 tokens. Data from version 0 consumed at version 3
+    has none: the metric is absent (0 would read "no mismatch"), and mismatch/tokens says it measured nothing."""
+    import torch
+
+    from learner.trainer import _Accumulator
+
+    groups = make_groups(3, version=0)
+    rows, _ = build_rows(groups, version=learner_version, advantage_fn=grpo_advantages)
+    acc = _Accumulator("cpu")
+    no_loss = {"masked_fraction": 0.0, "masked_fraction_pos": 0.0, "masked_fraction_neg": 0.0}
+    tokens = 0
+    for mb in micro_batches(rows, 10**6, learner_version):
+        logp = mb.behaviour_logp + 0.01 * mb.mask  # the trainer's log-probs, 0.01 away from the engine's
+        acc.add_micro_batch(mb, logp, torch.zeros_like(logp), 0.0, no_loss)
+        tokens += mb.num_tokens
+    stats = acc.reduce()
+    if learner_version == 0:
+        assert stats["mismatch/tokens"] == tokens > 0
+        assert stats["mismatch/abs_logp_diff"] == pytest.approx(0.01, rel=1e-4)
+    else:
+        assert stats["mismatch/tokens"] == 0
+        assert "mismatch/abs_logp_diff" not in stats
