@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TaskConfig(BaseModel):
@@ -32,8 +32,8 @@ class RolloutConfig(BaseModel):
     num_workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)
     n: int = Field(8, ge=1, description="Responses per prompt (the GRPO group size).")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, description="Sampling temperature of training rollouts (> 0).")
+    top_p: float = Field(1.0, description="1 only: see _whole_vocabulary.")
     max_tokens: int = Field(4, ge=1)
     stop: list[str] = Field(default_factory=list)
     groups_per_batch: int = Field(16, ge=1, description="Prompts a worker generates per engine call.")
@@ -47,3 +47,24 @@ class RolloutConfig(BaseModel):
     cpu_threads: int = Field(1, ge=1, description="Torch/OMP threads of a CPU engine.")
     max_restarts: int = Field(3, ge=0)
     seed: int = 0
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampled(cls, t: float) -> float:
+        # Training needs a distribution: at T = 0 a group's n responses are one response (no advantage signal)
+        # and its log-probs degenerate. Evaluation decodes greedily on its own, whatever this is.
+        if not 0 < t <= 2:
+            raise ValueError("must be in (0, 2]: rollouts are sampled (0 = greedy is for evaluation, which is "
+                             "greedy on its own)")
+        return t
+
+    @field_validator("top_p")
+    @classmethod
+    def _whole_vocabulary(cls, p: float) -> float:
+        # vLLM's log-probs are then over the renormalised nucleus and the learner's over the whole vocabulary:
+        # log r would not be 0 at staleness 0. Refused rather than trained with wrong ratios.
+        if p != 1.0:
+            raise ValueError("only 1.0 is supported: with top_p < 1 the engine's log-probs (renormalised over the "
+                             "nucleus) and the learner's (whole vocabulary) differ, so the importance ratios would "
+                             "be wrong")
+        return p

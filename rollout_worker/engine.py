@@ -7,11 +7,12 @@ Design choices (measured / read in vLLM 0.32):
   then reach the worker extension as tensors, with no serialisation copy (out of process, collective_rpc turns
   them into Python lists); and we drive the engine step by step, which is what lets a newer policy interrupt a
   batch (`partial`). The rollout worker is its own process (a Ray actor), so nothing else shares this one.
-- Log-probs: `logprobs_mode="raw_logprobs"` and `SamplingParams(logprobs=0)`: each sampled token's log-prob under
-  the model's UNPROCESSED distribution (log_softmax of the logits, before temperature / top-p), i.e. the
-  learner's `log_softmax(logits)` at temperature 1. With logprobs=0 vLLM returns exactly the sampled token.
-  Note: when temperature != 1 (or top_p < 1) the tokens are drawn from the processed distribution; these
-  log-probs are still the policy's, which is what M2PO's importance ratios need.
+- Log-probs: `logprobs_mode="processed_logprobs"` and `SamplingParams(logprobs=0)`: each sampled token's log-prob
+  under the distribution it was SAMPLED from, log_softmax(logits / T) (vLLM applies the temperature, then top-k/
+  top-p, then takes log_softmax; with logprobs=0 it returns exactly the sampled token). The learner computes the
+  same density, log_softmax(logits / T), so log r = 0 at staleness 0 up to float noise at any T
+  (tests/test_engine.py, T = 0.7). Raw (T = 1) log-probs against the learner's logits / T would not be. top_p < 1
+  is refused by the config: vLLM renormalises over the nucleus, which the learner does not reproduce.
 - The n samples of a prompt are one request with SamplingParams(n) (vLLM processes the prompt once and fans out
   child requests); outputs stream as per-step deltas keyed by (request id, child index), so an interrupted
   sample keeps what it has and is continued on its own as an n=1 request.
@@ -112,7 +113,7 @@ class VLLMEngine:
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len,
-            logprobs_mode="raw_logprobs",
+            logprobs_mode="processed_logprobs",  # log_softmax(logits / T): the sampled density
             worker_extension_cls="rollout_worker.vllm_ext.WeightUpdateExtension",
             **kwargs,
         )

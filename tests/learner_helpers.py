@@ -4,6 +4,7 @@ DeepSpeed runs in child processes (its process group and engine state must not l
 
     python -m tests.learner_helpers invariance MODEL_DIR OUT_DIR WORLD BUDGET...  # see run_invariance
     python -m tests.learner_helpers learn CONFIG_JSON                      # the learner loop (kill/resume test)
+    python -m tests.learner_helpers logr MODEL_DIR GROUPS_JSON OUT_JSON T  # see run_log_ratios
 
 Each step writes OUT_DIR/<name>.safetensors (parameters after the step) and OUT_DIR/<name>.json (metrics).
 """
@@ -214,11 +215,42 @@ def run_learn(config_path: str) -> None:
     )  # fmt: skip
 
 
+def run_log_ratios(model_dir: str, groups_json: str, out_json: str, temperature: float) -> None:
+    """The learner's log-probs (the Trainer's own head, at `temperature` and at 1) of trajectories whose
+    behaviour log-probs came from the engine, as log r = learner - behaviour over every response token."""
+    from learner.advantages import grpo_advantages
+    from learner.batching import build_rows, micro_batches
+    from learner.trainer import Trainer
+
+    spec = json.loads(Path(groups_json).read_text())
+    groups = []
+    for g, group in enumerate(spec):
+        trajs = [Trajectory.make(id=f"t{g}-{i}", group_id=f"t{g}", prompt_ids=np.array(t["prompt"]),
+                                 response_ids=np.array(t["response"]), behaviour_logp=np.array(t["logp"], np.float32),
+                                 version=0, reward=float(i % 2)) for i, t in enumerate(group)]  # fmt: skip
+        groups.append(TrajectoryGroup(group_id=f"t{g}", trajectories=trajs))
+    rows, _ = build_rows(groups, version=0, advantage_fn=grpo_advantages)
+    trainer = Trainer(learner_config(10**6), model_dir, temperature=temperature)
+    result = {}
+    for name, t in (("at_T", temperature), ("at_1", 1.0)):
+        trainer.temperature = t
+        log_r = []
+        with torch.no_grad():
+            for mb in micro_batches(rows, 10**6, 0):
+                logp, _ = trainer._response_logp(mb, with_entropy=False)
+                log_r.append((logp - mb.behaviour_logp)[mb.mask])
+        log_r = torch.cat(log_r).abs()
+        result[name] = {"mean_abs": log_r.mean().item(), "max_abs": log_r.max().item(), "tokens": log_r.numel()}
+    Path(out_json).write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "invariance":
         run_invariance(args[0], args[1], [int(b) for b in args[3:]], int(args[2]))
     elif cmd == "learn":
         run_learn(args[0])
+    elif cmd == "logr":
+        run_log_ratios(args[0], args[1], args[2], float(args[3]))
     else:
         raise SystemExit(f"unknown command {cmd}")

@@ -178,3 +178,15 @@ def test_refused_settings_fail_with_one_line(key):
 def test_removed_settings_are_unknown_keys(key):
     with pytest.raises(ConfigError, match="unknown key"):
         load_config([], [f"{key}=1"])
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("rollout.temperature=0", "rollout.temperature: must be in (0, 2]: rollouts are sampled"),
+    ("rollout.temperature=2.5", "rollout.temperature: must be in (0, 2]"),
+    ("rollout.top_p=0.9", "rollout.top_p: only 1.0 is supported"),
+])
+def test_sampling_settings_the_learner_cannot_match_are_refused(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config([], [override])
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    assert load_config([], ["rollout.temperature=0.7"]).rollout.temperature == 0.7

@@ -75,9 +75,9 @@ def load(engine, model, version: int) -> None:
 
 
 @torch.no_grad()
-def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+def hf_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
     ids = torch.tensor([prompt + response])
-    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    logp = torch.log_softmax(model(ids).logits[0].float() / temperature, -1)
     return logp[len(prompt) - 1 : -1].gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
@@ -92,23 +92,50 @@ def vllm_greedy(engine, prompts, max_new: int) -> list[list[int]]:
     return [g[0].token_ids for g in engine.generate(prompts, 1, temperature=0.0, max_tokens=max_new)]
 
 
-def test_logprobs_are_the_policys_raw_logprobs(engine, hf_a, prompts):
-    """At temperature 2 (vLLM's maximum) the sampling distribution is far from the policy's: the log-probs must still be
-    log_softmax(logits) at temperature 1 (raw_logprobs), to ~1e-3, for every sampled token."""
+def test_logprobs_are_the_sampled_densitys(engine, hf_a, prompts):
+    """At temperature 2 (vLLM's maximum) the sampling distribution is far from the T = 1 policy's: the log-probs
+    must be those of the density sampled from, log_softmax(logits / 2), to ~1e-3, for every sampled token."""
     load(engine, hf_a, 0)
     groups = engine.generate(prompts[:4], 4, temperature=2.0, max_tokens=10)
     assert len(groups) == 4 and all(len(g) == 4 for g in groups)
+    raw_gap = 0.0
     for prompt, group in zip(prompts, groups):
         for s in group:
             assert 1 <= len(s.token_ids) <= 10
             assert len(s.logprobs) == len(s.token_ids) == len(s.versions)
             assert s.versions == [0] * len(s.token_ids)
             assert s.finish_reason in ("stop", "length")
-            ref = hf_logprobs(hf_a, prompt, s.token_ids)
+            ref = hf_logprobs(hf_a, prompt, s.token_ids, temperature=2.0)
             torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-3, rtol=0)
+            raw_gap = max(raw_gap, (torch.tensor(s.logprobs) - hf_logprobs(hf_a, prompt, s.token_ids)).abs().max().item())
+    assert raw_gap > 0.1  # the raw (T = 1) log-probs are far from these: the comparison above can fail
     # n samples of one prompt are independent draws (a per-request seed would make every group's samples
     # identical); a confident model may still repeat itself on some prompts, so ask it of one group at least.
     assert any(len({tuple(s.token_ids) for s in group}) > 1 for group in groups)
+
+
+def test_log_r_is_zero_at_staleness_zero_at_temperature_07(engine, hf_a, model_dir, prompts, tmp_path):
+    """Both sides use the density sampled from: vLLM's processed log-probs at T = 0.7 and the learner's own head
+    (Trainer, DeepSpeed, in a child process) at logits / 0.7 agree to float noise. The learner at T = 1 (the
+    density NOT sampled from) is far off, so the first comparison can fail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    load(engine, hf_a, 0)
+    groups = engine.generate(prompts[:6], 4, temperature=0.7, max_tokens=10)
+    spec = [[{"prompt": list(p), "response": s.token_ids, "logp": s.logprobs} for s in g]
+            for p, g in zip(prompts, groups)]
+    (tmp_path / "groups.json").write_text(json.dumps(spec))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "tests.learner_helpers", "logr", str(model_dir), str(tmp_path / "groups.json"),
+                    str(tmp_path / "out.json"), "0.7"], check=True, env=env, cwd=REPO, timeout=600)
+    result = json.loads((tmp_path / "out.json").read_text())
+    print("LOGR", json.dumps(result))
+    assert result["at_T"]["tokens"] == sum(len(s.token_ids) for g in groups for s in g) > 0
+    assert result["at_T"]["mean_abs"] < 2e-3 and result["at_T"]["max_abs"] < 1e-2, result
+    assert result["at_1"]["mean_abs"] > 20 * result["at_T"]["mean_abs"], result
 
 
 def test_weight_update_gives_exactly_the_new_weights_greedy_tokens(engine, hf_a, hf_b, prompts):
