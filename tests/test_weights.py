@@ -215,7 +215,16 @@ def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
 def test_a_dead_registry_is_a_clear_error(registry):
     name = ray.get(registry.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
     assert get_registry(NAMESPACE, name)._actor_id == registry._actor_id
-    ray.kill(registry)
+    ray.kill(registry)  # returns before the actor is dead: wait for the death, as the product will see it
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            ray.get(registry.__ray_ready__.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            break
+        except ray.exceptions.GetTimeoutError:  # dying: ask again
+            pass
+        assert time.monotonic() < deadline, "the killed registry still answers after 120 s"
     fetcher = WeightsFetcher(registry, timeout_s=10)
     with pytest.raises(WeightsError, match="registry actor is gone"):
         fetcher.latest_version()
