@@ -59,7 +59,35 @@ def _from_learner(ref: ray.ObjectRef) -> Any:
 
 
 console = Console(stderr=True, soft_wrap=True)
+
 QUIET = os.environ.get("STALEFLOW_QUIET") == "1"  # tests and CI: no live display
+
+
+def evaluate_on_a_live_worker(workers: list, restarting: set[int], timeout_s: float) -> dict[str, Any]:
+    """A held-out eval of the newest weights on a rollout worker that can take it: workers Ray is not restarting
+    first (in order), then any that comes back. A call to a restarting worker fails at once
+    (ActorUnavailableError): that worker is asked again until `timeout_s`; a worker dead for good is skipped.
+    The result says which worker evaluated ("worker": "worker-<i>")."""
+    deadline = time.monotonic() + timeout_s
+    order = sorted(range(len(workers)), key=lambda i: i in restarting)
+    dead: set[int] = set()
+    while True:
+        for i in order:
+            if i in dead:
+                continue
+            try:
+                result = ray.get(workers[i].evaluate.remote(load_latest=True), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: try the others, then again
+                continue
+            except ray.exceptions.RayActorError:  # gone for good
+                dead.add(i)
+                continue
+            return {**result, "worker": f"worker-{i}"}
+        if len(dead) == len(workers):
+            raise RunFailed("no rollout worker is alive to evaluate on")
+        if time.monotonic() > deadline:
+            raise RunFailed(f"no rollout worker could evaluate within {timeout_s:.0f} s (all restarting)")
+        time.sleep(0.5)  # a restart takes seconds (a new process builds its engine): poll, do not spin
 
 
 def open_run_dir(cfg: Config, resume: Path | None) -> tuple[Config, Path]:
@@ -160,6 +188,11 @@ class Run:
 
     def start(self) -> int:
         version = _from_learner(self.learner.setup.remote())
+        if version == 0 and self.cfg.learner.eval_every:
+            # The starting point of every curve: the eval at version 0 (the warm start), before any worker
+            # generates, so the newest published weights are v0 for sure. A resumed run has it already.
+            self.evals.append(evaluate_on_a_live_worker(self.workers, set(), timeout_s=600))
+            console.print(f"held-out accuracy at version 0 (the warm start): {self.evals[-1]['accuracy']:.3f}")
         self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
         return version
 
@@ -207,15 +240,21 @@ class Run:
             self.runs[i] = self.workers[i].run.remote()
 
     def poll_eval(self, version: int, force: bool = False) -> dict[str, Any] | None:
-        """Start an eval every eval_every updates on worker 0; return a finished one, if any."""
+        """Start an eval every eval_every updates on the first worker that is not being restarted; return a
+        finished one, if any. An eval whose worker died under it is lost (one line), not the run."""
         result = None
         if self._eval_ref is not None and (force or ray.wait([self._eval_ref], timeout=0)[0]):
-            result = ray.get(self._eval_ref)
-            self.evals.append(result)
+            try:
+                result = ray.get(self._eval_ref)
+            except ray.exceptions.RayActorError as exc:
+                console.print(f"[yellow]eval lost: its worker died ({type(exc).__name__})[/]")
+            else:
+                self.evals.append(result)
             self._eval_ref = None
         every = self.cfg.learner.eval_every
-        if self._eval_ref is None and every and version % every == 0 and not force:
-            self._eval_ref = self.workers[0].evaluate.remote(load_latest=True)
+        up = [i for i in range(len(self.workers)) if i not in self.probes]
+        if self._eval_ref is None and every and version % every == 0 and not force and up:
+            self._eval_ref = self.workers[up[0]].evaluate.remote(load_latest=True)
         return result
 
     def train(self, display: TrainDisplay, version: int, total: int) -> int:
@@ -273,7 +312,8 @@ class Run:
     def _final_eval(self, summary: dict[str, Any]) -> None:
         if self._eval_ref is not None:  # an eval in flight: let it land in the curve first
             self.poll_eval(-1, force=True)
-        result = ray.get(self.workers[0].evaluate.remote(load_latest=True), timeout=300)
+        # A worker Ray is restarting (killed near the end) cannot take it: another one does, or it is waited for.
+        result = evaluate_on_a_live_worker(self.workers, set(self.probes), timeout_s=300)
         summary["final_eval"] = result
         (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
 
@@ -337,7 +377,8 @@ def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict
         curve = "  ".join(f"v{e['version']}:{e['accuracy']:.2f}" for e in evals)
         console.print(f"held-out accuracy: {curve}")
     if "final_eval" in summary:
-        console.print(f"final held-out accuracy: [bold]{summary['final_eval']['accuracy']:.3f}[/]")
+        fe = summary['final_eval']
+        console.print(f"final held-out accuracy: [bold]{fe['accuracy']:.3f}[/] (on {fe.get('worker', 'worker-0')})")
     if interrupted:
         console.print(f"resume with: staleflow train --resume {run_dir}")
     console.print(f"run directory: [bold]{run_dir}[/]")
