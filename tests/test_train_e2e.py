@@ -60,15 +60,21 @@ def staleflow_tracked(args: list[str], timeout: int = 600) -> tuple[subprocess.C
                 proc.kill()
                 out, err = proc.communicate()
                 break
-    time.sleep(2)  # the last ones may still be exiting
-    left = []
-    for pid, started in seen.items():
-        try:
-            p = psutil.Process(pid)
-            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.Error:
-            pass
+    def still_alive() -> list[str]:
+        left = []
+        for pid, started in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.Error:
+                pass
+        return left
+
+    # The last ones may still be exiting (a loaded machine takes its time): left behind = alive after 120 s.
+    settle = time.monotonic() + 120
+    while (left := still_alive()) and time.monotonic() < settle:
+        time.sleep(0.2)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), left
 
 
