@@ -125,7 +125,7 @@ def test_staleflow_dashboard_command_serves_until_stopped(runs_root: Path) -> No
         assert sorted(r["id"] for r in get(f"http://127.0.0.1:{port}/api/runs")["runs"]) == sorted(RUNS)
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0  # a loaded machine exits slowly
 
 
 def free_port() -> int:

@@ -161,7 +161,8 @@ def test_ray_job_submit(tmp_path):
             assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         runs = tmp_path / "runs"
-        for _ in range(30):  # the head answers `job list` before its job agent takes a submission
+        agent_deadline = time.monotonic() + 900  # a loaded machine starts the head's job agent slowly
+        while True:  # the head answers `job list` before its job agent takes a submission
             job = subprocess.run(
                 [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                  sys.executable, "-m", "services.cli", "train", *SHORT, "learner.total_steps=2",
@@ -170,6 +171,9 @@ def test_ray_job_submit(tmp_path):
             )
             if "No available agent to submit job" not in job.stderr:
                 break
+            logs = sorted(Path(ray_tmp).glob("session_latest/logs/dashboard_agent*"))
+            assert time.monotonic() < agent_deadline, "the head's job agent never took the job: " + " | ".join(
+                p.read_text(errors="ignore")[-1500:] for p in logs)
             time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()

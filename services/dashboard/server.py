@@ -203,6 +203,12 @@ def start_dashboard(
 
 def serve(paths: list[Path], host: str = "127.0.0.1", port: int = 9266) -> None:
     """Serve in the foreground until Ctrl-C (the `staleflow dashboard` command)."""
+    import signal
+
+    # Ctrl-C and SIGTERM (docker stop, kill) stop it cleanly, also when started from a script's background job,
+    # where the shell leaves SIGINT ignored and Python would never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = DashboardServer(paths, host, port)
     roots = ", ".join(map(str, paths))
     print(f"staleflow dashboard: {server.url}  (runs from {roots}; Ctrl-C stops)", flush=True)
