@@ -55,19 +55,12 @@ class LearnerActor:
             temperature=cfg.rollout.temperature,
         )
 
-    def setup(self, publish: bool = True) -> int:
+    def setup(self) -> int:
         """Build the engine (resuming from the newest checkpoint) and publish the starting weights, so that a
-        worker asked for this version (fixed staleness, or after a resume) can load it. publish=False: the
-        caller publishes later (`publish_current`), e.g. after the eval at version 0 is in the metrics."""
+        worker asked for this version (fixed staleness, or after a resume) can load it."""
         version = self.learner.setup()
-        if publish:
-            self.publish_current()
+        self.publisher.publish(self.learner.trainer.engine, version)
         return version
-
-    def publish_current(self) -> int:
-        """Publish the weights the learner holds (its current version); returns that version."""
-        self.publisher.publish(self.learner.trainer.engine, self.learner.version)
-        return self.learner.version
 
     def train(self, n_steps: int) -> dict[str, Any]:
         return self.learner.train(n_steps)
@@ -154,14 +147,5 @@ class RolloutActor:
             result = evaluate(self.engine, self.task, n=1, timeout_s=self.cfg.task.reward_timeout_s)
         result["version"] = version
         if self.hub is not None:
-            # Waited for (evals are rare, unlike the rollout loop's reports): once evaluate() returns, the hub
-            # holds the result, so the driver can order what comes next after it (the run's first learner
-            # record carries the eval at version 0).
-            import ray
-
-            try:
-                ray.get(self.hub.log.remote("eval", version, {"eval/accuracy": result["accuracy"],
-                                                               "eval/version": version}), timeout=120)
-            except (ray.exceptions.RayError, TimeoutError) as exc:  # the metrics hub is not the eval
-                log.warning("eval at version %d: the metrics hub did not take it (%s)", version, type(exc).__name__)
+            metrics_logger(self.hub, "eval")(version, {"eval/accuracy": result["accuracy"], "eval/version": version})
         return result

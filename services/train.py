@@ -3,11 +3,10 @@
 Order of events: run directory (config.yaml saved) → Redis (embedded or external) → Ray (local or the cluster we
 are in) → model (the tiny CPU model is built once and cached) → weight registry, metrics hub, dashboard →
 learner actor (resumes from its newest checkpoint, publishes its starting weights) → rollout worker actors
-(generate into the buffer until stopped; a fresh run first has one evaluate version 0, the warm start) → the
-driver asks the learner for one update at a time, shows progress, asks a worker that is up for a held-out eval
-every `learner.eval_every` updates, and restarts a worker's loop after Ray restarted a dead worker. Ctrl-C (or
-the end) stops the workers, checkpoints the learner, evaluates the final weights, saves them to
-runs/<name>/final, and stops every process it started.
+(generate into the buffer until stopped) → the driver asks the learner for one update at a time, shows
+progress, asks worker 0 for a held-out eval every `learner.eval_every` updates, and restarts a worker's loop
+after Ray restarted a dead worker. Ctrl-C (or the end) stops the workers, checkpoints the learner, evaluates the
+final weights, saves them to runs/<name>/final, and stops every process it started.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from buffer.server import connect
 from services.actors import LearnerActor, RolloutActor
 from services.config import Config, dump_config
 from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
-from services.metrics import FILES, MetricsHub, buffer_metrics
+from services.metrics import MetricsHub, buffer_metrics
 from services.progress import TrainDisplay
 from services.registry import REGISTRY_NAME, start_registry
 
@@ -83,38 +82,12 @@ def evaluate_on_a_live_worker(workers: list, restarting: set[int], timeout_s: fl
             except ray.exceptions.RayActorError:  # gone for good
                 dead.add(i)
                 continue
-            except ray.exceptions.GetTimeoutError:  # up (or still starting) but no answer in the time left
-                raise RunFailed(f"no rollout worker evaluated within {timeout_s:.0f} s") from None
             return {**result, "worker": f"worker-{i}"}
         if len(dead) == len(workers):
             raise RunFailed("no rollout worker is alive to evaluate on")
         if time.monotonic() > deadline:
             raise RunFailed(f"no rollout worker could evaluate within {timeout_s:.0f} s (all restarting)")
         time.sleep(0.5)  # a restart takes seconds (a new process builds its engine): poll, do not spin
-
-
-def earlier_evals(run_dir: Path) -> list[dict[str, Any]]:
-    """The held-out evals already in the run directory (a resumed run's), in the form Run.evals holds them."""
-    path = run_dir / FILES["eval"]
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-        if isinstance(rec.get("eval/accuracy"), (int, float)):
-            out.append({"version": int(rec["step"]), "accuracy": float(rec["eval/accuracy"])})
-    return out
-
-
-def needs_warm_start_eval(run_dir: Path, keep_checkpoints: int) -> bool:
-    """Whether the run starts at version 0 (no checkpoint to resume from) without an eval at version 0 yet: a
-    fresh run, or one resumed before its first checkpoint whose first start died before that eval."""
-    from learner.checkpoint import CheckpointManager  # the learner's own rule for what it resumes from
-
-    if CheckpointManager(run_dir / "checkpoints", keep_checkpoints).latest() is not None:
-        return False
-    return not any(e["version"] == 0 for e in earlier_evals(run_dir))
 
 
 def open_run_dir(cfg: Config, resume: Path | None) -> tuple[Config, Path]:
@@ -211,35 +184,17 @@ class Run:
         self.died_at: dict[int, float] = {}
         self.evals: list[dict[str, Any]] = []
         self._eval_ref: ray.ObjectRef | None = None
-        self._eval_worker = 0  # the worker _eval_ref runs on
         self._train_ref: ray.ObjectRef | None = None  # the update in flight, if any
 
     def start(self) -> int:
-        earlier = earlier_evals(self.run_dir)  # a resumed run's curve so far
-        setup = self.learner.setup.remote(publish=False)  # builds (or resumes) the learner meanwhile
-        if self.cfg.learner.eval_every and needs_warm_start_eval(self.run_dir, self.cfg.learner.keep_checkpoints):
-            self._warm_start_eval()
-        version = _from_learner(setup)
-        # After the eval: the run's first learner record (step 0, the publish) opens with the eval in the hub.
-        _from_learner(self.learner.publish_current.remote())
-        # Evals of versions after the checkpoint belong to updates that are redone: they are measured again.
-        self.evals = [e for e in earlier if e["version"] <= version] + self.evals
+        version = _from_learner(self.learner.setup.remote())
+        if version == 0 and self.cfg.learner.eval_every:
+            # The starting point of every curve: the eval at version 0 (the warm start), before any worker
+            # generates, so the newest published weights are v0 for sure. A resumed run has it already.
+            self.evals.append(evaluate_on_a_live_worker(self.workers, set(), timeout_s=600))
+            console.print(f"held-out accuracy at version 0 (the warm start): {self.evals[-1]['accuracy']:.3f}")
         self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
         return version
-
-    def _warm_start_eval(self) -> None:
-        """The starting point of every curve: the held-out eval at version 0 (the warm start; a worker's engine
-        holds it from its build), before any worker generates. In eval.jsonl and, as the latest eval, in
-        metrics.jsonl's step 0 record. A lost one is a line, not a dead run (the periodic evals go on)."""
-        try:
-            # The workers are still building their engines: this waits for the first one up.
-            result = evaluate_on_a_live_worker(self.workers, set(), timeout_s=1800)
-        except RunFailed as exc:
-            console.print(f"[yellow]eval at version 0 lost: {exc}[/]")
-            return
-        self.evals.append(result)
-        console.print(f"held-out accuracy at version 0 (the warm start): {result['accuracy']:.3f} "
-                      f"(on {result['worker']})")
 
     def watch_workers(self) -> None:
         """A worker whose loop ended by an error is restarted by Ray (max_restarts); once its new process
@@ -290,9 +245,9 @@ class Run:
         result = None
         if self._eval_ref is not None and (force or ray.wait([self._eval_ref], timeout=0)[0]):
             try:
-                result = {**ray.get(self._eval_ref), "worker": f"worker-{self._eval_worker}"}
-            except ray.exceptions.RayActorError as exc:  # died under it, or Ray was restarting it (Unavailable)
-                console.print(f"[yellow]eval lost: worker-{self._eval_worker} died ({type(exc).__name__})[/]")
+                result = ray.get(self._eval_ref)
+            except ray.exceptions.RayActorError as exc:
+                console.print(f"[yellow]eval lost: its worker died ({type(exc).__name__})[/]")
             else:
                 self.evals.append(result)
             self._eval_ref = None
@@ -300,7 +255,6 @@ class Run:
         up = [i for i in range(len(self.workers)) if i not in self.probes]
         if self._eval_ref is None and every and version % every == 0 and not force and up:
             self._eval_ref = self.workers[up[0]].evaluate.remote(load_latest=True)
-            self._eval_worker = up[0]
         return result
 
     def train(self, display: TrainDisplay, version: int, total: int) -> int:

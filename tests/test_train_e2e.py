@@ -36,7 +36,7 @@ SHORT = [
 ]
 
 
-def staleflow_tracked(args: list[str], timeout: int = 1200) -> tuple[subprocess.CompletedProcess, list[str]]:
+def staleflow_tracked(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run the CLI; returns (completed process, the processes it started that are still alive afterwards).
 
     Its descendants are sampled while it runs (Redis, Ray's raylet/GCS/workers, vLLM); whichever of them is
@@ -107,27 +107,8 @@ def check_run_dir(run_dir: Path, updates: int) -> None:
     assert len(used) == len(set(used)), "an entry was trained on twice"
     evals = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= evals["accuracy"] <= 1.0 and evals["version"] == updates
-    assert evals["worker"] == "worker-0"  # the summary and eval.json say which worker evaluated
-    check_warm_start_eval(run_dir)
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
-
-
-def check_warm_start_eval(run_dir: Path) -> None:
-    """Every curve starts at the eval at version 0 (the warm start): once in eval.jsonl, in metrics.jsonl's step-0
-    record (the latest eval when the run's first learner record opened), and as the first point the dashboard
-    and `staleflow plot` draw (the same lookup: eval.jsonl, then metrics.jsonl)."""
-    from services.dashboard.panels import PANELS
-    from services.plots import load_run, panel_series
-
-    evals = read_jsonl(run_dir / "eval.jsonl")
-    assert [e["step"] for e in evals].count(0) == 1 and evals[0]["step"] == 0, evals
-    first = read_jsonl(run_dir / "metrics.jsonl")[0]
-    assert first["step"] == 0 and first["eval/version"] == 0
-    assert first["eval/accuracy"] == evals[0]["eval/accuracy"]
-    accuracy = next(p for p in PANELS if p.id == "accuracy")
-    (series,) = panel_series(accuracy, load_run(run_dir), time_axis=False)
-    assert series.xs[0] == 0 and series.ys[0] == evals[0]["eval/accuracy"]
 
 
 def test_train_end_to_end(tmp_path):
@@ -135,7 +116,6 @@ def test_train_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     run_dir = tmp_path / "e2e"
     check_run_dir(run_dir, updates=4)
-    assert "held-out accuracy: v0:" in out.stderr, out.stderr[-4000:]  # the summary's curve starts at v0
     # The saved config names the password's environment variable, never holds a password.
     assert not re.search(r"^\s*\w*password\s*:", (run_dir / "config.yaml").read_text(), re.MULTILINE)
     assert not left_behind, left_behind  # every process it started (Redis, Ray, vLLM) is gone
@@ -172,16 +152,13 @@ def test_ray_job_submit(tmp_path):
     )
     try:
         address = f"http://127.0.0.1:{dash_port}"
-        deadline = time.monotonic() + 900  # a loaded machine starts the head slowly
+        deadline = time.time() + 120
         while True:  # the job server answers once the dashboard is up
-            try:
-                ok = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                                    capture_output=True, timeout=300).returncode == 0
-            except subprocess.TimeoutExpired:  # the CLI itself was slow: ask again until the deadline
-                ok = False
+            ok = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                capture_output=True, timeout=60).returncode == 0
             if ok:
                 break
-            assert time.monotonic() < deadline, "the Ray head did not come up"
+            assert time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         runs = tmp_path / "runs"
         agent_deadline = time.monotonic() + 900  # a loaded machine starts the head's job agent slowly
@@ -190,7 +167,7 @@ def test_ray_job_submit(tmp_path):
                 [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                  sys.executable, "-m", "services.cli", "train", *SHORT, "learner.total_steps=2",
                  f"runs_dir={runs}", "name=job", f"model.tiny_dir={REPO / '.cache/staleflow/tiny-model'}"],
-                env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True, timeout=1200,
+                env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True, timeout=600,
             )
             if "No available agent to submit job" not in job.stderr:
                 break
