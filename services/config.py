@@ -69,6 +69,9 @@ class ClusterConfig(BaseModel):
     namespace: str = "staleflow"
 
 
+SEEDED_SECTIONS = ("task", "rollout", "learner")  # the sections with a `seed` that the top-level one defaults
+
+
 class Config(BaseModel):
     """The defaults ARE the CPU demo (`staleflow train` with no arguments = configs/tiny-cpu.yaml, a test checks
     it); the GPU configs in configs/ set every value that differs."""
@@ -77,7 +80,7 @@ class Config(BaseModel):
 
     name: str | None = Field(None, description="Run name; default: <timestamp>-<loss>.")
     runs_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, description="The run's seed: the default of task.seed, rollout.seed and learner.seed.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -86,6 +89,25 @@ class Config(BaseModel):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_is_every_sections_default(cls, data: Any) -> Any:
+        # One `seed` changes every random stream of a run (prompt order, engine sampling, learner init); a
+        # section's own seed, where given, wins. The tiny model's build seed (model.tiny_seed) is separate: it
+        # names a cached artifact, not a run.
+        if not isinstance(data, dict) or type(seed := data.get("seed")) is not int:
+            return data
+        data = dict(data)
+        for section in SEEDED_SECTIONS:
+            given = data.get(section)
+            if given is None:
+                data[section] = {"seed": seed}
+            elif isinstance(given, dict) and "seed" not in given:
+                data[section] = {**given, "seed": seed}
+            elif isinstance(given, BaseModel) and "seed" not in given.model_fields_set:
+                data[section] = given.model_copy(update={"seed": seed})
+        return data
 
     @model_validator(mode="after")
     def _fixed_needs_every_version(self) -> Config:

@@ -117,17 +117,24 @@ REFUSED = {"learner.num_processes": (2, "data-parallel learner is not built yet"
 SKIP_DIRS = {".venv", "tests", ".cache", "runs", "node_modules", ".git"}
 
 
-def _fields(model, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, field name) of every leaf setting, through nested sections."""
+def _sections(annotation) -> list[type]:
+    """The pydantic models an annotation holds: Section, Section | None, list[Section], dict[str, Section]..."""
+    import typing
+
     from pydantic import BaseModel
 
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _sections(arg)]
+
+
+def _fields(model, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, field name) of every setting: each field, and every field of the sections it holds."""
     out = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += _fields(ann, f"{prefix}{name}.")
-        else:
-            out.append((f"{prefix}{name}", name))
+        out.append((f"{prefix}{name}", name))
+        for section in _sections(field.annotation):
+            out += _fields(section, f"{prefix}{name}.")
     return out
 
 
@@ -158,11 +165,24 @@ def test_the_settings_walk_finds_an_unread_field():
         read_me: int = 1
         never_read_xyz: int = 2
 
+    class Optional_(BaseModel):
+        also_never_read_xyz: bool = False
+
     class Outer(BaseModel):
         inner: Inner = Field(default_factory=Inner)
+        maybe: Optional_ | None = None
         top_level: str = "a"
 
-    assert _unread(Outer, "cfg.inner.read_me + len(cfg.top_level)") == ["inner.never_read_xyz"]
+    code = "cfg.inner.read_me + len(cfg.top_level) if cfg.maybe else 0"
+    assert _unread(Outer, code) == ["inner.never_read_xyz", "maybe.also_never_read_xyz"]
+    # word boundaries: a longer name that contains the field's is not a read of it
+    assert _unread(Outer, code.replace("read_me", "read_me_not")) == [
+        "inner.read_me", "inner.never_read_xyz", "maybe.also_never_read_xyz"]
+    # the real walk reaches every section of the real config
+    from services.config import Config
+
+    keys = {key for key, _ in _fields(Config)}
+    assert {"seed", "learner.num_processes", "rollout.temperature", "buffer.policy", "metrics.host"} <= keys
 
 
 @pytest.mark.parametrize("key", sorted(REFUSED))
@@ -172,6 +192,15 @@ def test_refused_settings_fail_with_one_line(key):
         load_config([], [f"{key}={value}"])
     assert message in str(err.value) and "\n" not in str(err.value)
     load_config([], [])  # the default is accepted
+
+
+def test_the_top_level_seed_is_every_sections_default(tmp_path):
+    cfg = load_config([], ["seed=3", "rollout.seed=5"])
+    assert (cfg.seed, cfg.task.seed, cfg.rollout.seed, cfg.learner.seed) == (3, 3, 5, 3)  # a section's own wins
+    assert cfg.model.tiny_seed == 0  # the tiny model's build seed names a cached model, not a run
+    assert load_config([], ["learner.seed=7"]).task.seed == 0
+    # a resolved config (runs/<name>/config.yaml: every seed explicit) loads back as itself
+    assert load_config([write(tmp_path, "resolved.yaml", dump_config(cfg))]) == cfg
 
 
 @pytest.mark.parametrize("key", ["model.max_seq_len", "metrics.log_every"])
