@@ -25,6 +25,7 @@ import torch.distributed as dist
 from buffer.trajectory import TrajectoryGroup
 from learner.batching import MicroBatch, Row, build_rows, micro_batches, shard_rows
 from learner.config import LearnerConfig
+from learner.ds_ops import load_op, optimizer_op, skip_unused_ops
 
 _STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
 
@@ -35,6 +36,7 @@ def init_distributed() -> None:
         return
     import deepspeed
 
+    skip_unused_ops()  # the shared-memory comm op: a JIT build training never uses (see ds_ops)
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
     if "RANK" not in os.environ:
         # A world of one rendezvous in memory: no TCP port to choose (a probed free port can be taken by another
@@ -92,12 +94,16 @@ class Trainer:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        if not temperature > 0:  # greedy rollouts have no density to train on (RolloutConfig refuses them)
+            raise ValueError(f"temperature must be > 0: the rollouts' sampling temperature (got {temperature})")
         init_distributed()
         if not torch.cuda.is_available():
             torch.set_num_threads(cfg.cpu_threads)
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.temperature = temperature  # the rollout's sampling temperature: behaviour log-probs are under it
+        # The rollouts' sampling temperature: the behaviour log-probs are vLLM's processed ones,
+        # log_softmax(logits / T), so the learner's are too (log r = 0 at staleness 0 up to float noise).
+        self.temperature = temperature
         self.version = version
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -115,6 +121,9 @@ class Trainer:
         def schedule(opt):  # linear warm-up then constant (the paper's recipe is constant)
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
+        op = optimizer_op(cfg.optimizer, cfg.offload_optimizer)
+        if op:
+            load_op(op)  # built under staleflow's lock before DeepSpeed asks for it (see ds_ops)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=params,

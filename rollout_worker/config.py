@@ -26,13 +26,16 @@ class TaskConfig(BaseModel):
     seed: int = 0
 
 
+MIN_TEMPERATURE = 0.01  # vLLM raises any lower positive temperature to this (SamplingParams, _MAX_TEMP)
+
+
 class RolloutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)
     n: int = Field(8, ge=1, description="Responses per prompt (the GRPO group size).")
-    temperature: float = Field(1.0, description="Sampling temperature of training rollouts (> 0).")
+    temperature: float = Field(1.0, description="Sampling temperature of training rollouts, in [0.01, 2].")
     top_p: float = Field(1.0, description="1 only: see _whole_vocabulary.")
     max_tokens: int = Field(4, ge=1)
     stop: list[str] = Field(default_factory=list)
@@ -52,10 +55,12 @@ class RolloutConfig(BaseModel):
     @classmethod
     def _sampled(cls, t: float) -> float:
         # Training needs a distribution: at T = 0 a group's n responses are one response (no advantage signal)
-        # and its log-probs degenerate. Evaluation decodes greedily on its own, whatever this is.
-        if not 0 < t <= 2:
-            raise ValueError("must be in (0, 2]: rollouts are sampled (0 = greedy is for evaluation, which is "
-                             "greedy on its own)")
+        # and the learner's logits / T divide by zero. Evaluation decodes greedily on its own, whatever this is.
+        # [0.01, 2] is vLLM's range: it refuses T > 2 and silently raises 0 < T < 0.01 to 0.01, which would
+        # sample (and return log-probs) at another temperature than the learner's.
+        if not MIN_TEMPERATURE <= t <= 2:
+            raise ValueError(f"must be in [{MIN_TEMPERATURE}, 2]: training rollouts are sampled (greedy decoding, "
+                             f"T = 0, is evaluation's, which decodes greedily whatever this says)")
         return t
 
     @field_validator("top_p")

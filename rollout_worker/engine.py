@@ -8,11 +8,15 @@ Design choices (measured / read in vLLM 0.32):
   them into Python lists); and we drive the engine step by step, which is what lets a newer policy interrupt a
   batch (`partial`). The rollout worker is its own process (a Ray actor), so nothing else shares this one.
 - Log-probs: `logprobs_mode="processed_logprobs"` and `SamplingParams(logprobs=0)`: each sampled token's log-prob
-  under the distribution it was SAMPLED from, log_softmax(logits / T) (vLLM applies the temperature, then top-k/
-  top-p, then takes log_softmax; with logprobs=0 it returns exactly the sampled token). The learner computes the
-  same density, log_softmax(logits / T), so log r = 0 at staleness 0 up to float noise at any T
-  (tests/test_engine.py, T = 0.7). Raw (T = 1) log-probs against the learner's logits / T would not be. top_p < 1
-  is refused by the config: vLLM renormalises over the nucleus, which the learner does not reproduce.
+  under the distribution it was SAMPLED from, log_softmax(logits / T) (vLLM 0.32, v1/sample/sampler.py: logits
+  processors, then the temperature, then top-k/top-p, then log_softmax; with logprobs=0 it returns exactly the
+  sampled token). The learner computes the same density, log_softmax(logits / T) (`Trainer(temperature=)`), so
+  log r = 0 at staleness 0 up to float noise at any T (tests/test_engine.py, T = 0.7); raw (T = 1) log-probs
+  against the learner's logits / T would not be. What the learner does not reproduce is never set: top_p < 1 is
+  refused by the config (vLLM renormalises over the nucleus), and no top-k, min-p, penalties or logit bias are
+  passed. T in [0.01, 2] (the config's range) is what vLLM samples at; below 0.01 vLLM would silently use 0.01.
+  Greedy requests (evaluation, T = 0) are unaffected: their tokens are the argmax and their log-probs
+  log_softmax(logits), which evaluation does not use.
 - The n samples of a prompt are one request with SamplingParams(n) (vLLM processes the prompt once and fans out
   child requests); outputs stream as per-step deltas keyed by (request id, child index), so an interrupted
   sample keeps what it has and is continued on its own as an n=1 request.

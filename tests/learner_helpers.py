@@ -5,6 +5,7 @@ DeepSpeed runs in child processes (its process group and engine state must not l
     python -m tests.learner_helpers invariance MODEL_DIR OUT_DIR WORLD BUDGET...  # see run_invariance
     python -m tests.learner_helpers learn CONFIG_JSON                      # the learner loop (kill/resume test)
     python -m tests.learner_helpers logr MODEL_DIR GROUPS_JSON OUT_JSON T  # see run_log_ratios
+    python -m tests.learner_helpers ds-ops MODEL_DIR OUT_JSON              # see run_ds_ops
 
 Each step writes OUT_DIR/<name>.safetensors (parameters after the step) and OUT_DIR/<name>.json (metrics).
 """
@@ -244,6 +245,28 @@ def run_log_ratios(model_dir: str, groups_json: str, out_json: str, temperature:
     Path(out_json).write_text(json.dumps(result))
 
 
+def run_ds_ops(model_dir: str, out_json: str) -> None:
+    """One step with DeepSpeed's own AdamW (FusedAdam, JIT-built) in a build root where killed builds left their
+    lock files (of the shared-memory comm op and of fused_adam): it must neither wait on them nor build the
+    shared-memory op. Run with TORCH_EXTENSIONS_DIR set to an empty directory (a cold build)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from learner.trainer import Trainer
+
+    dirs = {name: Path(_get_build_directory(name, verbose=False)) for name in ("deepspeed_shm_comm", "fused_adam")}
+    for d in dirs.values():
+        (d / "lock").touch()  # what a build killed mid-way leaves
+    trainer = Trainer(learner_config(64, optimizer="deepspeed"), model_dir)
+    before = {k: v.detach().clone() for k, v in trainer.named_tensors()}
+    trainer.step(make_groups(4))
+    Path(out_json).write_text(json.dumps({
+        "optimizer": type(trainer.engine.basic_optimizer).__name__,
+        "changed": any(not torch.equal(before[k], v) for k, v in trainer.named_tensors()),
+        "built": {name: sorted(p.name for p in d.glob("*.so")) for name, d in dirs.items()},
+        "locks": {name: (d / "lock").exists() for name, d in dirs.items()},
+    }))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "invariance":
@@ -252,5 +275,7 @@ if __name__ == "__main__":
         run_learn(args[0])
     elif cmd == "logr":
         run_log_ratios(args[0], args[1], args[2], float(args[3]))
+    elif cmd == "ds-ops":
+        run_ds_ops(args[0], args[1])
     else:
         raise SystemExit(f"unknown command {cmd}")

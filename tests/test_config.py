@@ -210,8 +210,10 @@ def test_removed_settings_are_unknown_keys(key):
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("rollout.temperature=0", "rollout.temperature: must be in (0, 2]: rollouts are sampled"),
-    ("rollout.temperature=2.5", "rollout.temperature: must be in (0, 2]"),
+    ("rollout.temperature=0", "rollout.temperature: must be in [0.01, 2]: training rollouts are sampled"),
+    ("rollout.temperature=0.005", "rollout.temperature: must be in [0.01, 2]"),  # vLLM would sample at 0.01
+    ("rollout.temperature=-1", "rollout.temperature: must be in [0.01, 2]"),
+    ("rollout.temperature=2.5", "rollout.temperature: must be in [0.01, 2]"),
     ("rollout.top_p=0.9", "rollout.top_p: only 1.0 is supported"),
 ])
 def test_sampling_settings_the_learner_cannot_match_are_refused(override, expected):
@@ -219,3 +221,5 @@ def test_sampling_settings_the_learner_cannot_match_are_refused(override, expect
         load_config([], [override])
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
     assert load_config([], ["rollout.temperature=0.7"]).rollout.temperature == 0.7
+    assert load_config([], ["rollout.temperature=0.01"]).rollout.temperature == 0.01
+    assert load_config([], ["rollout.temperature=2"]).rollout.temperature == 2

@@ -142,3 +142,17 @@ def test_the_mismatch_is_measured_only_on_fresh_tokens_and_absent_without_them(l
     else:
         assert stats["mismatch/tokens"] == 0
         assert "mismatch/abs_logp_diff" not in stats
+
+
+def test_deepspeed_adamw_builds_past_the_lock_files_of_killed_builds(tmp_path):
+    """learner.optimizer=deepspeed, cold, in a build root holding the lock files that builds killed mid-way leave
+    (torch's FileBaton): the step runs (parameters move) with DeepSpeed's FusedAdam instead of polling for the
+    lock forever, and the shared-memory comm op, which training never uses, is not built at all."""
+    model = tiny_model(tmp_path / "model")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    cmd = [sys.executable, "-m", "tests.learner_helpers", "ds-ops", str(model), str(tmp_path / "out.json")]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=900)  # the old code waits forever: a failure here
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["optimizer"] == "FusedAdam" and out["changed"], out
+    assert out["built"] == {"deepspeed_shm_comm": [], "fused_adam": ["fused_adam.so"]}, out
+    assert out["locks"] == {"deepspeed_shm_comm": True, "fused_adam": False}, out  # the shm op's was never touched
