@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray._private.ray_constants as ray_constants
 
 from buffer.server import EmbeddedRedis, connect
 from services.config import Config
@@ -52,12 +53,15 @@ def start_ray(cfg: Config, stack: ExitStack) -> bool:
     if address:
         ray.init(address=address, **common)
         return False
-    # Bind and advertise loopback only (despite its name this switch works on Linux; see stack notes).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Loopback only. With _node_ip_address="127.0.0.1" alone, Ray's GCS, raylet and every worker's gRPC server
+    # still listened on all interfaces and its agents on the machine's address (measured); they bind 127.0.0.1 once
+    # Ray's cluster switch is off. Ray reads that switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) when `ray` is
+    # imported, so the constant itself is set here. tests/test_security.py lists the sockets of a whole run.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",  # keep a laptop/CI run on loopback
+        _node_ip_address="127.0.0.1",
         **common,
     )
     stack.callback(ray.shutdown)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from services.config import MetricsConfig
@@ -123,6 +124,11 @@ def test_staleflow_dashboard_command_serves_until_stopped(runs_root: Path) -> No
         banner = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in banner, banner
         assert sorted(r["id"] for r in get(f"http://127.0.0.1:{port}/api/runs")["runs"]) == sorted(RUNS)
+        # It listens on that loopback port and nothing else (its children too, if it ever has any).
+        served = psutil.Process(proc.pid)
+        sockets = {(c.laddr.ip, c.laddr.port) for p in [served, *served.children(recursive=True)]
+                   for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert sockets == {("127.0.0.1", port)}, sockets
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0  # a loaded machine exits slowly

@@ -36,20 +36,38 @@ SHORT = [
 ]
 
 
-def staleflow_tracked(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Run the CLI; returns (completed process, the processes it started that are still alive afterwards).
+LOOPBACK = ("127.", "::1", "::ffff:127.")
 
-    Its descendants are sampled while it runs (Redis, Ray's raylet/GCS/workers, vLLM); whichever of them is
-    still alive (same pid and start time) once it has exited was left behind."""
+
+def listening(proc: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of each socket `proc` listens on."""
+    try:
+        name = proc.name()
+        return {(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:  # exited meanwhile
+        return set()
+
+
+def staleflow_tracked(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str], set]:
+    """Run the CLI; returns (completed process, the processes it started that are still alive afterwards,
+    every (process name, address, port) that it or a process it started listened on).
+
+    Its descendants are sampled while it runs (Redis, Ray's raylet/GCS/workers and agents, vLLM); whichever of
+    them is still alive (same pid and start time) once it has exited was left behind."""
     env = {**os.environ, "STALEFLOW_QUIET": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, float] = {}
+    sockets: set[tuple[str, str, int]] = set()
     deadline = time.time() + timeout
     while True:
         try:
-            for child in psutil.Process(proc.pid).children(recursive=True):
+            driver = psutil.Process(proc.pid)
+            sockets |= listening(driver)
+            for child in driver.children(recursive=True):
                 seen.setdefault(child.pid, child.create_time())
+                sockets |= listening(child)
         except psutil.Error:
             pass
         try:
@@ -75,7 +93,7 @@ def staleflow_tracked(args: list[str], timeout: int = 600) -> tuple[subprocess.C
     settle = time.monotonic() + 120
     while (left := still_alive()) and time.monotonic() < settle:
         time.sleep(0.2)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), left
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), left, sockets
 
 
 def staleflow(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -112,8 +130,13 @@ def check_run_dir(run_dir: Path, updates: int) -> None:
 
 
 def test_train_end_to_end(tmp_path):
-    out, left_behind = staleflow_tracked(["train", *SHORT, f"runs_dir={tmp_path}", "name=e2e"])
+    out, left_behind, sockets = staleflow_tracked(["train", *SHORT, f"runs_dir={tmp_path}", "name=e2e"])
     assert out.returncode == 0, out.stderr[-4000:]
+    # A local run listens on loopback only: Redis, the metrics endpoint, and all of Ray (GCS, raylet, each
+    # worker's gRPC server, the dashboard and runtime-env agents). The sampling saw them (so this can fail).
+    names = {name for name, _, _ in sockets}
+    assert {"redis-server", "gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), sockets
+    assert not [s for s in sockets if not s[1].startswith(LOOPBACK)], sorted(sockets)
     run_dir = tmp_path / "e2e"
     check_run_dir(run_dir, updates=4)
     # The saved config names the password's environment variable, never holds a password.
