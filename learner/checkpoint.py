@@ -140,3 +140,29 @@ class CheckpointManager:
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != keep_tag:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "vocab", "merges")
+
+
+def save_final(trainer, out_dir: str | Path, model_dir: str | Path, bucket_bytes: int = 256 << 20) -> Path:
+    """The trained policy as a folder that transformers and vLLM load: weights (safetensors, the training dtype),
+    config, and the starting model's tokenizer files. Collective: under ZeRO-3 the module holds only partitions,
+    so every rank takes part in gathering them, a bucket's worth at a time; rank 0 writes."""
+    from learner.publisher import zero3_named_params
+
+    module = trainer.engine.module
+    named = list(module.named_parameters())  # tied parameters appear once; save_pretrained re-ties them
+    if any(hasattr(p, "ds_id") for _, p in named):
+        tensors = dict(zero3_named_params(named, bucket_bytes, None))  # empty on ranks other than 0
+    else:
+        tensors = {name: p.detach() for name, p in named}
+    out = Path(out_dir)
+    if trainer.rank == 0:
+        module.save_pretrained(out, state_dict=tensors, safe_serialization=True)
+        for f in Path(model_dir).iterdir():
+            if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+                shutil.copy2(f, out / f.name)
+    if dist.is_initialized():
+        dist.barrier()
+    return out

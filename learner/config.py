@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 LossName = Literal["m2po", "m2po_released", "ppo_clip", "no_trust_region", "tis", "gspo", "cispo"]
 
@@ -30,7 +30,9 @@ class LearnerConfig(BaseModel):
         "torch", description="torch: torch.optim.AdamW (no build); deepspeed: FusedAdam/CPUAdam (JIT-built once)."
     )
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (needs deepspeed optimizer).")
-    num_processes: int = Field(1, ge=1, description="Data-parallel ranks: 1 (more is refused until built).")
+    num_processes: int = Field(1, ge=1, description="Data-parallel ranks, each a Ray actor in one placement group.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the ranks' bundles (PACK: as few nodes as possible).")
     gpus: float = Field(0.0, ge=0, description="GPUs per learner rank (0 on CPU).")
     dtype: Literal["float32", "bfloat16"] = "float32"
     cpu_threads: int = Field(1, ge=1)
@@ -39,12 +41,3 @@ class LearnerConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(20, ge=0, description="0 = never.")
     seed: int = 0
-
-    @field_validator("num_processes")
-    @classmethod
-    def _one_rank_until_data_parallel(cls, n: int) -> int:
-        # `staleflow train` starts one learner process: N > 1 would be accepted and silently run on one rank.
-        if n != 1:
-            raise ValueError("the data-parallel learner is not built yet: staleflow train runs one learner rank "
-                             "(set learner.num_processes=1)")
-        return n

@@ -161,12 +161,30 @@ class Learner:
         return self.trainer.version if self.trainer is not None else 0
 
     def _pull_batch(self) -> list[Pulled]:
-        entries = self._pull_local() if self.lead else []
         if self.trainer.world_size == 1:
-            return [Pulled(e.id, e.group) for e in entries]
-        payload = msgpack.packb([[e.id, encode_group(e.group)] for e in entries]) if self.lead else b""
-        items = msgpack.unpackb(_broadcast_bytes(payload, self.trainer.device))
-        return [Pulled(i, decode_group(g)) for i, g in items]
+            return [Pulled(e.id, e.group) for e in self._pull_local()]
+        # Every other rank waits in the broadcast: rank 0 must send something even when it stops (Ctrl-C, the
+        # end of the run) or starves, or they would hang there. It sends the reason, and every rank raises.
+        ended: LearnerStopped | LearnerStarved | None = None
+        entries = []
+        if self.lead:
+            try:
+                entries = self._pull_local()
+            except (LearnerStopped, LearnerStarved) as exc:
+                ended = exc
+        payload = b""
+        if self.lead and ended is None:
+            payload = msgpack.packb({"groups": [[e.id, encode_group(e.group)] for e in entries]})
+        elif self.lead:
+            payload = msgpack.packb({"starved" if isinstance(ended, LearnerStarved) else "stopped": str(ended)})
+        message = msgpack.unpackb(_broadcast_bytes(payload, self.trainer.device))
+        if ended is not None:
+            raise ended
+        if "stopped" in message:
+            raise LearnerStopped(message["stopped"])
+        if "starved" in message:
+            raise LearnerStarved(message["starved"])
+        return [Pulled(i, decode_group(g)) for i, g in message["groups"]]
 
     def _pull_local(self) -> list:
         entries: list = []

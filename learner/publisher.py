@@ -60,7 +60,7 @@ def _is_zero3(params: list[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
-def _zero3_named_params(
+def zero3_named_params(
     named: list[tuple[str, torch.nn.Parameter]], chunk_bytes: int, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, full tensor) for ZeRO-3 partitioned params, gathering ~chunk_bytes of them at a time.
@@ -137,7 +137,7 @@ class WeightPublisher:
         rank = _rank()
         if rank != 0 and not zero3:
             return None
-        tensors = _zero3_named_params(named, self.bucket_bytes, self.dtype) if zero3 else iter(named)
+        tensors = zero3_named_params(named, self.bucket_bytes, self.dtype) if zero3 else iter(named)
 
         if rank == 0:
             # A tensor bigger than a bucket travels alone: size the staging buffer for it too.

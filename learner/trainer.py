@@ -30,15 +30,20 @@ from learner.ds_ops import load_op, optimizer_op, skip_unused_ops
 _STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
 
 
-def init_distributed() -> None:
-    """Join the process group set up by a launcher (RANK/WORLD_SIZE/MASTER_*), or make a world of one."""
+def init_distributed(store: dist.Store | None = None, rank: int = 0, world_size: int = 1) -> None:
+    """Join a process group: through `store` (ranks started by services, which hands rank 0's TCPStore address to
+    the others), through a launcher's RANK/WORLD_SIZE/MASTER_* environment, or else as a world of one."""
     if dist.is_initialized():
         return
     import deepspeed
 
     skip_unused_ops()  # the shared-memory comm op: a JIT build training never uses (see ds_ops)
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "gloo"
-    if "RANK" not in os.environ:
+    if store is not None:
+        # LOCAL_RANK 0: each rank is its own Ray actor, which sees only its own GPU(s), as device 0.
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    elif "RANK" not in os.environ:
         # A world of one rendezvous in memory: no TCP port to choose (a probed free port can be taken by another
         # process before the store binds it: EADDRINUSE). DeepSpeed adopts a process group that already exists.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")

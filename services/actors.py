@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 from buffer.redis_buffer import StalenessBuffer
@@ -21,43 +20,77 @@ from services.metrics import metrics_logger
 
 log = logging.getLogger(__name__)
 
+RENDEZVOUS_TIMEOUT_S = 600  # every rank joins within this (a loaded machine builds engines slowly)
+
 
 def _buffer(cfg: Config, redis: RedisEndpoint) -> StalenessBuffer:
     return StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
 
 
 class LearnerActor:
-    """The learner (DeepSpeed) as an actor: setup / train(n) / checkpoint / save_final."""
+    """One learner rank (DeepSpeed) as an actor: rendezvous / setup / train(n) / checkpoint / save_final.
 
-    def __init__(self, cfg: Config, model_dir: str, run_dir: str, redis: RedisEndpoint, registry: Any, hub: Any):
+    With N ranks, services starts N of these in a placement group, asks rank 0 to open the rendezvous (a TCPStore
+    on its node, on a port the OS picks: no probed port to lose to another process), and calls every method on
+    every rank: train, checkpoint, publish and save_final are collectives. Rank 0 alone reads the buffer (and
+    broadcasts each batch), writes the ledger, acks and reports; the other ranks get no buffer."""
+
+    def __init__(self, cfg: Config, model_dir: str, run_dir: str, redis: RedisEndpoint, registry: Any, hub: Any,
+                 rank: int = 0):
         from learner.loop import Learner
         from learner.publisher import WeightPublisher
 
         self.cfg = cfg
         self.model_dir = model_dir
+        self.rank = rank
+        self._store = None
+        lead = rank == 0
         self.publisher = WeightPublisher(
             registry,
             publish_every=cfg.weights.publish_every,
             bucket_mb=cfg.weights.bucket_mb,
             dtype=cfg.weights.dtype,
             timeout_s=cfg.weights.timeout_s,
-            metrics=metrics_logger(hub, "learner") if hub is not None else None,
+            metrics=metrics_logger(hub, "learner") if hub is not None and lead else None,
         )
         self.learner = Learner(
             cfg.learner,
             model_dir,
-            _buffer(cfg, redis),
+            _buffer(cfg, redis) if lead else None,
             run_dir,
             batch_groups=cfg.buffer.batch_groups,
             publish=lambda version, _tensors: self.publisher.publish(self.learner.trainer.engine, version),
             publish_every=cfg.weights.publish_every,
-            report=metrics_logger(hub, "learner") if hub is not None else None,
+            report=metrics_logger(hub, "learner") if hub is not None and lead else None,
             temperature=cfg.rollout.temperature,
         )
 
-    def setup(self) -> int:
-        """Build the engine (resuming from the newest checkpoint) and publish the starting weights, so that a
-        worker asked for this version (fixed staleness, or after a resume) can load it."""
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: open the process group's store on this node; returns (address, port) for the other ranks."""
+        import ray
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, self.cfg.learner.num_processes, is_master=True,
+                                    timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=False)
+        return host, self._store.port
+
+    def setup(self, rendezvous: tuple[str, int] | None = None) -> int:
+        """Join the process group (N > 1), build the engine (resuming from the newest checkpoint) and publish the
+        starting weights, so that a worker asked for this version (fixed staleness, a resume) can load it."""
+        world = self.cfg.learner.num_processes
+        if world > 1:
+            import torch.distributed as dist
+
+            from learner.trainer import init_distributed
+
+            store = self._store or dist.TCPStore(rendezvous[0], rendezvous[1], world, is_master=False,
+                                                 timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+            init_distributed(store, self.rank, world)
+            print(f"learner rank {self.rank} of {world}: pid {os.getpid()}", flush=True)  # which process is which
         version = self.learner.setup()
         self.publisher.publish(self.learner.trainer.engine, version)
         return version
@@ -76,12 +109,9 @@ class LearnerActor:
 
     def save_final(self, out_dir: str) -> str:
         """The trained policy as an HF folder (weights + the tokenizer files of the starting model)."""
-        out = Path(out_dir)
-        self.learner.trainer.engine.module.save_pretrained(out, safe_serialization=True)
-        for f in Path(self.model_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and f.is_file():
-                shutil.copy2(f, out / f.name)
-        return str(out)
+        from learner.checkpoint import save_final
+
+        return str(save_final(self.learner.trainer, out_dir, self.model_dir))
 
     def state(self) -> dict[str, Any]:
         return self.learner.state()

@@ -2,7 +2,8 @@
 
 Order of events: run directory (config.yaml saved) → Redis (embedded or external) → Ray (local or the cluster we
 are in) → model (the tiny CPU model is built once and cached) → weight registry, metrics hub, dashboard →
-learner actor (resumes from its newest checkpoint, publishes its starting weights) → rollout worker actors
+learner ranks (`learner.num_processes` actors in a placement group, one process group; each resumes from the
+newest checkpoint, then the starting weights are published) → rollout worker actors
 (generate into the buffer until stopped) → the driver asks the learner for one update at a time, shows
 progress, asks worker 0 for a held-out eval every `learner.eval_every` updates, and restarts a worker's loop
 after Ray restarted a dead worker. Ctrl-C (or the end) stops the workers, checkpoints the learner, evaluates the
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
@@ -56,6 +58,77 @@ def _from_learner(ref: ray.ObjectRef) -> Any:
         return ray.get(ref)
     except ray.exceptions.RayActorError as exc:
         raise LearnerDied(f"the learner died ({type(exc).__name__})") from None
+
+
+def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = None) -> Any:  # noqa: ANN001
+    """Every rank's call done; returns rank 0's result. With several ranks, one rank dying or failing is
+    LearnerDied at once, not when the others return: they would wait for it in their next collective (or fail
+    in it: a peer's death is an error there). `idle` runs about once a second meanwhile; `ranks`, the actors
+    called, are asked who died when a rank fails."""
+    if len(refs) == 1:
+        while not ray.wait(refs, timeout=1.0)[0]:
+            if idle is not None:
+                idle()
+        return _from_learner(refs[0])
+    while True:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise LearnerDied(f"the learner died (rank {refs.index(ref)}: {type(exc).__name__})") from None
+            except ray.exceptions.RayTaskError as exc:
+                # Often the echo of another rank's death (its peer's socket closed under a collective): name the
+                # dead rank if there is one. A call to a dead actor fails and a live one answers (it is threaded).
+                for i, rank in enumerate(ranks or []):
+                    try:
+                        ray.get(rank.pid.remote(), timeout=60)
+                    except ray.exceptions.RayActorError as death:
+                        raise LearnerDied(f"the learner died (rank {i}: {type(death).__name__})") from None
+                    except ray.exceptions.GetTimeoutError:
+                        pass
+                cause = f"{type(exc.cause).__name__}: {str(exc.cause)[:200]}"
+                raise LearnerDied(f"the learner failed (rank {refs.index(ref)}: {cause})") from None
+        if len(done) == len(refs):
+            return ray.get(refs[0])
+        if idle is not None:
+            idle()
+
+
+PLACEMENT_TIMEOUT_S = 300
+
+
+def start_learner_ranks(cfg: Config, model_dir: str, run_dir: Path, redis: RedisEndpoint, registry, hub):  # noqa: ANN001, ANN201
+    """learner.num_processes rank actors in one placement group (a bundle per rank: its GPUs, or its CPU threads
+    on CPU; learner.placement_strategy). Returns (placement group, [rank 0, rank 1, ...])."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    lc = cfg.learner
+    gpu = lc.gpus > 0
+    bundle = {"GPU": lc.gpus} if gpu else {"CPU": lc.cpu_threads}
+    pg = placement_group([bundle] * lc.num_processes, strategy=lc.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RunFailed(
+            f"the learner's {lc.num_processes} ranks ({bundle} each, {lc.placement_strategy}) could not be placed in "
+            f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}: lower learner.num_processes, "
+            "learner.gpus or learner.cpu_threads, or add nodes (cluster.num_cpus for a local run)"
+        ) from None
+    ranks = [
+        ray.remote(LearnerActor)
+        .options(
+            max_concurrency=2,  # stop() must reach a train() that waits for data
+            num_cpus=0 if gpu else lc.cpu_threads,
+            num_gpus=lc.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            runtime_env={"env_vars": actor_env(cfg, lc.cpu_threads)},
+        )
+        .remote(cfg, model_dir, str(run_dir), redis, registry, hub, rank)
+        for rank in range(lc.num_processes)
+    ]
+    return pg, ranks
 
 
 console = Console(stderr=True, soft_wrap=True)
@@ -152,17 +225,7 @@ class Run:
                      scheduling_strategy=here)
             .remote(str(run_dir), cfg.metrics)
         )
-        gpu = cfg.learner.gpus > 0
-        self.learner = (
-            ray.remote(LearnerActor)
-            .options(
-                max_concurrency=2,  # stop() must reach a train() that waits for data
-                num_cpus=0 if gpu else cfg.learner.cpu_threads,
-                num_gpus=cfg.learner.gpus,
-                runtime_env={"env_vars": actor_env(cfg, cfg.learner.cpu_threads)},
-            )
-            .remote(cfg, model_dir, str(run_dir), redis, self.registry, self.hub)
-        )
+        self.pg, self.learners = start_learner_ranks(cfg, model_dir, run_dir, redis, self.registry, self.hub)
         self.workers = [
             ray.remote(RolloutActor)
             .options(
@@ -184,10 +247,15 @@ class Run:
         self.died_at: dict[int, float] = {}
         self.evals: list[dict[str, Any]] = []
         self._eval_ref: ray.ObjectRef | None = None
-        self._train_ref: ray.ObjectRef | None = None  # the update in flight, if any
+        self._train_refs: list[ray.ObjectRef] | None = None  # the update in flight (one call per rank), if any
+
+    def _on_learners(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Call `method` on every rank (train, checkpoint, save_final are collectives)."""
+        return [getattr(rank, method).remote(*args) for rank in self.learners]
 
     def start(self) -> int:
-        version = _from_learner(self.learner.setup.remote())
+        rendezvous = _from_learner(self.learners[0].rendezvous.remote()) if len(self.learners) > 1 else None
+        version = _from_learners([rank.setup.remote(rendezvous) for rank in self.learners], ranks=self.learners)
         if version == 0 and self.cfg.learner.eval_every:
             # The starting point of every curve: the eval at version 0 (the warm start), before any worker
             # generates, so the newest published weights are v0 for sure. A resumed run has it already.
@@ -258,15 +326,13 @@ class Run:
         return result
 
     def train(self, display: TrainDisplay, version: int, total: int) -> int:
-        ref = self.learner.train.remote(1) if version < total else None
-        while ref is not None:
-            self._train_ref = ref
-            while not ray.wait([ref], timeout=1.0)[0]:
-                self.watch_workers()
-            stats = _from_learner(ref)
+        refs = self._on_learners("train", 1) if version < total else None
+        while refs is not None:
+            self._train_refs = refs
+            stats = _from_learners(refs, idle=self.watch_workers, ranks=self.learners)
             version = int(stats.get("policy/version", version + 1))
             # The next update is asked for before this one's bookkeeping, so the learner never waits on the driver.
-            self._train_ref = ref = self.learner.train.remote(1) if version < total else None
+            self._train_refs = refs = self._on_learners("train", 1) if version < total else None
             values = dict(stats)
             buffer_values = buffer_metrics(self.buffer.stats())
             self.hub.log.remote("buffer", version, buffer_values)
@@ -293,18 +359,18 @@ class Run:
         for w in self.workers:
             w.stop.remote()
         # An update waiting for data that no worker will now produce.
-        if self._train_ref is not None and learner_alive:
-            self.learner.stop.remote()
-            ray.wait([self._train_ref], timeout=120)
+        if self._train_refs is not None and learner_alive:
+            self._on_learners("stop")  # rank 0 waits for data; it tells the others (they wait in its broadcast)
+            ray.wait(self._train_refs, num_returns=len(self._train_refs), timeout=120)
         if self.runs:
             ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
         if not learner_alive:
             attempt("closing the metrics", lambda: ray.get(self.hub.close.remote(), timeout=30))
             return summary
-        attempt("checkpoint", lambda: summary.update(version=ray.get(self.learner.checkpoint.remote(), timeout=300)))
+        attempt("checkpoint", lambda: summary.update(version=ray.get(self._on_learners("checkpoint"), timeout=300)[0]))
         if final_eval:
             attempt("saving the final policy", lambda: summary.update(
-                final=ray.get(self.learner.save_final.remote(str(self.run_dir / "final")), timeout=300)))
+                final=ray.get(self._on_learners("save_final", str(self.run_dir / "final")), timeout=300)[0]))
             attempt("final eval", lambda: self._final_eval(summary))
         attempt("closing the metrics", lambda: ray.get(self.hub.close.remote(), timeout=30))
         return summary
@@ -366,8 +432,9 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
 
 
 def _kill_actors(run: Run) -> None:
-    for actor in [run.learner, *run.workers, run.hub]:
+    for actor in [*run.learners, *run.workers, run.hub]:
         ray.kill(actor, no_restart=True)
+    remove_placement_group(run.pg)
 
 
 def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict], interrupted: bool) -> None:

@@ -6,7 +6,6 @@ Real Ray (one local instance for the module), a real DeepSpeed ZeRO-2 engine on 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -237,27 +236,26 @@ def test_a_dead_registry_is_a_clear_error(registry):
 # ------------------------------------------------------------------------------ from a DeepSpeed engine
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_world():
     """A gloo process group of one (the learner's single-process setup), torn down after the module."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import torch.distributed as dist
 
+    from learner.trainer import init_distributed
+
     created = not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     if created:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        init_distributed()  # the learner's own: an in-memory rendezvous (no port), no unused DeepSpeed op built
     yield
     if created:
         dist.destroy_process_group()
+        for k, v in saved.items():  # children of later tests must not inherit a rank of this process
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

@@ -1,0 +1,145 @@
+"""The data-parallel learner under `staleflow train`: learner.num_processes=2 (gloo, CPU), real processes.
+
+1. Two ranks make the same update as one rank on the same batch. Each run's buffer is an external redis-server
+   holding the same 4 groups before the run starts; with fixed staleness 0 the learner's first batch is exactly
+   those (the ledger says so), whatever the rollout worker adds later. The weights after update 1 (DeepSpeed's
+   fp32 master weights, consolidated from each run's ZeRO checkpoint) agree, and differ from the start.
+2. ZeRO-3 on 2 ranks: every rank's shard in the checkpoint, and the final folder loads in transformers with the
+   trained weights (those of the last checkpoint, consolidated).
+3. SIGKILL of rank 1: the run stops with one error line naming the rank, leaves nothing running, and
+   `--resume` finishes it exactly once (ledger).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.learner_helpers import make_groups
+from tests.test_faults_e2e import (
+    FAST,
+    assert_gone,
+    check_exactly_once,
+    finish,
+    ledger_in_force,
+    lines,
+    own_services,
+    spawn,
+    wait_for,
+)
+from tests.test_train_e2e import REPO, staleflow
+
+pytestmark = pytest.mark.slow
+
+TWO = ["learner.num_processes=2", "cluster.num_cpus=3"]  # 2 learner ranks + 1 worker on a 2-core machine
+
+
+def consolidated(checkpoints: Path, version: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's fp32 weights of checkpoint `version`, whatever the ZeRO stage and number of ranks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=f"v{version:08d}")
+
+
+def start_weights() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(REPO / ".cache/staleflow/tiny-model/model.safetensors")
+
+
+def prefill(redis_server, name: str, overrides: list[str]) -> list[str]:  # noqa: ANN001
+    """Put 4 groups of version 0 into run `name`'s buffer (its prefix, its settings), as a worker would."""
+    from buffer.redis_buffer import StalenessBuffer
+    from buffer.server import connect
+    from services.config import load_config
+    from services.train import run_cfg
+
+    files = [REPO / a for a in overrides if "=" not in a]
+    cfg = run_cfg(load_config(files, [a for a in overrides if "=" in a] + [f"name={name}"]))
+    buf = StalenessBuffer(connect(redis_server.url, redis_server.password), cfg.buffer)
+    groups = make_groups(4, seed=7, prefix=f"pre-{name}-")
+    assert buf.admit("prefill", 4).granted == 4
+    buf.push_many(groups, "prefill")
+    return [t.id for g in groups for t in g.trajectories]
+
+
+def test_two_ranks_make_the_update_one_rank_makes(redis_server, tmp_path):
+    common = [*FAST, "buffer.policy=fixed", "buffer.max_staleness=0", "learner.checkpoint_every=1",
+              f"buffer.redis_url={redis_server.url}", f"runs_dir={tmp_path}"]
+    env = {"STALEFLOW_REDIS_PASSWORD": redis_server.password}
+    runs = {}
+    for name, extra in (("one", ["learner.total_steps=1"]), ("two", [*TWO, "learner.total_steps=2"])):
+        prefilled = prefill(redis_server, name, common)
+        out = staleflow(["train", *common, *extra, f"name={name}"], env=env, timeout=900)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert ledger_in_force(tmp_path / name)[1]["trajectory_ids"] == prefilled  # update 1 = the prefilled batch
+        runs[name] = out.stdout + out.stderr
+    # Two rank processes, and both ranks' optimizer shards in each checkpoint (DeepSpeed's own files).
+    pids = set(re.findall(r"learner rank [01] of 2: pid (\d+)", runs["two"]))
+    assert len(pids) == 2, runs["two"][-4000:]
+    for v in (1, 2):
+        files = {p.name for p in (tmp_path / "two/checkpoints" / f"v{v:08d}").iterdir()}
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    check_exactly_once(tmp_path / "two", 2)
+
+    one, two, start = consolidated(tmp_path / "one/checkpoints", 1), consolidated(tmp_path / "two/checkpoints", 1), \
+        start_weights()
+    assert one.keys() == two.keys()
+    moved = max((one[k] - start[k]).abs().max().item() for k in start)  # lm_head is tied: not in the file
+    gap = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-4 and gap < 1e-6, (moved, gap)  # the same update, up to the order of float sums
+
+
+def test_zero3_on_two_ranks_saves_shards_and_a_final_folder_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "z3"
+    out = staleflow(["train", *FAST, *TWO, "learner.zero_stage=3", "learner.total_steps=2",
+                     "learner.checkpoint_every=1", f"runs_dir={tmp_path}", "name=z3"], timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    files = {p.name for p in (run_dir / "checkpoints/v00000002").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= files
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
+    final = model.state_dict()  # tied lm_head included
+    trained, start = consolidated(run_dir / "checkpoints", 2), start_weights()
+    for name, t in trained.items():
+        torch.testing.assert_close(final[name].detach(), t, rtol=0, atol=0)  # the gathered weights, exactly
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4  # and they were trained
+
+
+def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_path):
+    # A run far too long to end before the kill (the kill comes at update 3); the resume is told where to stop.
+    run_dir, log = tmp_path / "rkill", tmp_path / "rkill.log"
+    driver = spawn(["train", *FAST, *TWO, "learner.total_steps=100000", "learner.checkpoint_every=2",
+                    f"runs_dir={tmp_path}", "name=rkill"], log)
+    try:
+        pid = int(wait_for(lambda: re.search(r"learner rank 1 of 2: pid (\d+)", log.read_text()), 900,
+                           "rank 1", driver, log).group(1))
+        wait_for(lambda: ledger_in_force(run_dir).get(3), 900, "update 3", driver, log)  # past checkpoint v2
+        services = own_services(driver)
+        os.kill(pid, signal.SIGKILL)
+        code = finish(driver, 900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = log.read_text()
+    assert code == 1, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "learner died (rank 1" in errors[0], out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert_gone(services)
+    assert int((run_dir / "checkpoints/latest").read_text().strip()[1:]) >= 2
+    updates = max(ledger_in_force(run_dir)) + 2  # past what the killed run reached: the resume trains on
+
+    t0 = time.time()
+    resumed = staleflow(["train", "--resume", str(run_dir), f"learner.total_steps={updates}"], timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    check_exactly_once(run_dir, updates)
+    assert len(set(re.findall(r"learner rank [01] of 2: pid (\d+)", resumed.stdout + resumed.stderr))) == 2
+    print(f"DP rank-1 kill: resume took {time.time() - t0:.0f} s; ledger lines {len(lines(run_dir / 'ledger.jsonl'))}")
