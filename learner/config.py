@@ -25,6 +25,8 @@ class LearnerConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     total_steps: int = Field(300, ge=1, description="Optimizer updates (= policy versions) to train.")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of a micro-batch (padding included).")
+    logits_chunk_tokens: int = Field(
+        0, ge=0, description="Loss head in chunks of this many tokens (recomputed in backward); 0 = all at once.")
     zero_stage: Literal[0, 1, 2, 3] = 2
     optimizer: Literal["torch", "deepspeed"] = Field(
         "torch", description="torch: torch.optim.AdamW (no build); deepspeed: FusedAdam/CPUAdam (JIT-built once)."

@@ -26,6 +26,7 @@ from buffer.trajectory import TrajectoryGroup
 from learner.batching import MicroBatch, Row, build_rows, micro_batches, shard_rows
 from learner.config import LearnerConfig
 from learner.ds_ops import load_op, optimizer_op, skip_unused_ops
+from learner.head import token_logp
 
 _STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
 
@@ -143,7 +144,8 @@ class Trainer:
         """log p(response token) under the current weights: [B, T] (0 where masked), and optionally entropy.
 
         Logits are computed only for the valid response positions ([N, V], N = valid tokens), not the whole
-        [B, L, V] sequence: the vocabulary projection is the learner's largest activation.
+        [B, L, V] sequence, and in chunks of learner.logits_chunk_tokens (learner/head.py): the vocabulary
+        projection is the learner's largest activation.
         """
         # Through the engine (its forward does ZeRO's per-micro-batch bookkeeping), asking for the final
         # (post-norm) hidden states and a single position of logits; the vocabulary projection is ours.
@@ -161,18 +163,11 @@ class Trainer:
             max=hidden.shape[1] - 1
         )  # [B, T]
         h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[mask]  # [N, H]
-        logits = self.engine.module.get_output_embeddings()(h).float()  # [N, V]
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        logsm = torch.log_softmax(logits, dim=-1)  # [N, V]
         tokens = mb.response_ids.to(self.device)[mask]  # [N]
-        token_logp = logsm.gather(-1, tokens[:, None]).squeeze(-1)  # [N]
-        logp = torch.zeros(b, t, dtype=token_logp.dtype, device=self.device).masked_scatter(mask, token_logp)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                ent = -(logsm.exp() * logsm).sum(-1)  # [N]
-                entropy = torch.zeros(b, t, device=self.device).masked_scatter(mask, ent)
+        token_lp, ent = token_logp(self.engine.module.get_output_embeddings(), h, tokens, temperature=self.temperature,
+                                   chunk_tokens=self.cfg.logits_chunk_tokens, with_entropy=with_entropy)  # [N], [N]
+        logp = torch.zeros(b, t, dtype=token_lp.dtype, device=self.device).masked_scatter(mask, token_lp)
+        entropy = None if ent is None else torch.zeros(b, t, device=self.device).masked_scatter(mask, ent)
         return logp, entropy
 
     def _dummy_backward(self) -> None:

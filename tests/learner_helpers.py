@@ -89,8 +89,12 @@ def _split_main(model_dir: str, out: str, budgets: list[int]) -> None:
     for budget in budgets:
         trainer = Trainer(learner_config(budget), model_dir)
         _save(trainer, trainer.step(make_groups(6)), Path(out), f"split-{budget}")
-    # ZeRO-3 accumulates partitioned gradients by its own micro-step count: the smallest split again.
-    trainer = Trainer(learner_config(budgets[-1], zero_stage=3), model_dir)
+    # The loss head in chunks of 5 tokens (recomputed in backward): the same step.
+    trainer = Trainer(learner_config(budgets[0], logits_chunk_tokens=5), model_dir)
+    _save(trainer, trainer.step(make_groups(6)), Path(out), f"chunk5-{budgets[0]}")
+    # ZeRO-3 accumulates partitioned gradients by its own micro-step count: the smallest split again, with the
+    # chunked head too (its recomputation re-gathers the partitioned projection).
+    trainer = Trainer(learner_config(budgets[-1], zero_stage=3, logits_chunk_tokens=5), model_dir)
     _save(trainer, trainer.step(make_groups(6)), Path(out), f"zero3-{budgets[-1]}")
 
 

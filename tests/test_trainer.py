@@ -83,9 +83,9 @@ def _budget_for(rows, k: int) -> int:
 
 @pytest.mark.slow
 def test_m2po_step_is_split_invariant_and_matches_a_plain_torch_update(rows, tmp_path):
-    """1, 2 and 4 micro-batches, 2 gloo ranks, and ZeRO-3: the same global M2PO mask, the same gradient (norm), the
-    same parameters after the step, all equal to a whole-batch plain-torch AdamW update (its own log-probs
-    from the full logits)."""
+    """1, 2 and 4 micro-batches, 2 gloo ranks, ZeRO-3, and a loss head in chunks of 5 tokens: the same global
+    M2PO mask, the same gradient (norm), the same parameters after the step, all equal to a whole-batch
+    plain-torch AdamW update (its own log-probs from the full logits)."""
     from safetensors.torch import load_file
 
     model = tiny_model(tmp_path / "model")
@@ -102,7 +102,7 @@ def test_m2po_step_is_split_invariant_and_matches_a_plain_torch_update(rows, tmp
     assert 0 < ref_stats["loss/masked_tokens"]
 
     runs = {f"split-{b}": n for b, n in zip(budgets, (1, 2, 4))}
-    runs |= {f"ranks2-{budgets[1]}": 2, f"zero3-{budgets[2]}": 4}
+    runs |= {f"ranks2-{budgets[1]}": 2, f"zero3-{budgets[2]}": 4, f"chunk5-{budgets[0]}": 1}
     for name, n_micro in runs.items():
         stats = json.loads((tmp_path / f"{name}.json").read_text())
         params = load_file(tmp_path / f"{name}.safetensors")
