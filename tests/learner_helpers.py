@@ -6,6 +6,7 @@ DeepSpeed runs in child processes (its process group and engine state must not l
     python -m tests.learner_helpers learn CONFIG_JSON                      # the learner loop (kill/resume test)
     python -m tests.learner_helpers logr MODEL_DIR GROUPS_JSON OUT_JSON T  # see run_log_ratios
     python -m tests.learner_helpers ds-ops MODEL_DIR OUT_JSON              # see run_ds_ops
+    python -m tests.learner_helpers precision MODEL_DIR OUT_DIR            # see run_precision
 
 Each step writes OUT_DIR/<name>.safetensors (parameters after the step) and OUT_DIR/<name>.json (metrics).
 """
@@ -271,6 +272,20 @@ def run_ds_ops(model_dir: str, out_json: str) -> None:
     }))
 
 
+def run_precision(model_dir: str, out: str) -> None:
+    """The same step (6 groups, ZeRO-2, one micro-batch) in float32, with gradient checkpointing, in bfloat16
+    (DeepSpeed bf16: bf16 weights and activations, fp32 master weights), and both: each run's parameters after
+    the step (in its dtype) and its metrics (OUT_DIR/<name>.{safetensors,json})."""
+    from learner.trainer import Trainer
+
+    for name, fields in {"fp32": {}, "gc": {"gradient_checkpointing": True}, "bf16": {"dtype": "bfloat16"},
+                         "bf16-gc": {"dtype": "bfloat16", "gradient_checkpointing": True}}.items():
+        trainer = Trainer(learner_config(10**6, **fields), model_dir)
+        stats = trainer.step(make_groups(6))
+        stats["gradient_checkpointing"] = trainer.engine.module.is_gradient_checkpointing  # on, or a vacuous test
+        _save(trainer, stats, Path(out), name)
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "invariance":
@@ -279,6 +294,8 @@ if __name__ == "__main__":
         run_learn(args[0])
     elif cmd == "logr":
         run_log_ratios(args[0], args[1], args[2], float(args[3]))
+    elif cmd == "precision":
+        run_precision(args[0], args[1])
     elif cmd == "ds-ops":
         run_ds_ops(args[0], args[1])
     else:
