@@ -81,6 +81,10 @@ class LearnerActor:
     def setup(self, rendezvous: tuple[str, int] | None = None) -> int:
         """Join the process group (N > 1), build the engine (resuming from the newest checkpoint) and publish the
         starting weights, so that a worker asked for this version (fixed staleness, a resume) can load it."""
+        from learner.memory import check_learner_memory, count_parameters, rank_memory
+
+        # Before the engine: a learner that cannot fit is one line, not an out-of-memory minutes later.
+        check_learner_memory(count_parameters(self.model_dir), self.cfg.learner, *rank_memory(self.cfg.learner))
         world = self.cfg.learner.num_processes
         if world > 1:
             import torch.distributed as dist

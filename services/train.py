@@ -30,6 +30,7 @@ from rich.console import Console
 
 from buffer.redis_buffer import StalenessBuffer
 from buffer.server import connect
+from learner.memory import DoesNotFit
 from services.actors import LearnerActor, RolloutActor
 from services.config import Config, dump_config
 from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
@@ -48,16 +49,42 @@ class LearnerDied(RunFailed):
     """The learner actor's process is gone (killed, OOM, node lost)."""
 
 
+class NotStarted(RunFailed):
+    """A preflight failed (it cannot fit, it cannot be placed): nothing was trained, nothing to resume."""
+
+
 class WorkersLost(RunFailed):
     """A rollout worker keeps dying and its restarts (rollout.max_restarts) are used up."""
 
 
 def _from_learner(ref: ray.ObjectRef) -> Any:
-    """ray.get on a learner call; its process dying is LearnerDied (the driver must not wait forever)."""
+    """ray.get on a learner call; its process dying is LearnerDied (the driver must not wait forever), a failed
+    preflight (DoesNotFit) is RunFailed with its one line."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayActorError as exc:
         raise LearnerDied(f"the learner died ({type(exc).__name__})") from None
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, DoesNotFit):
+            raise NotStarted(str(exc.cause)) from None
+        raise
+
+
+def check_object_store(cfg: Config, model_dir: str) -> None:
+    """(weights.keep_versions + 1) versions live in the object store at once (the registry keeps K, the newest
+    is being put): they must fit the largest node's store, or publishing fails minutes into the run."""
+    from learner.memory import weight_bytes
+
+    need = (cfg.weights.keep_versions + 1) * weight_bytes(model_dir, cfg.weights.dtype)
+    stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
+    have = max(stores, default=0)
+    if need > have:
+        raise NotStarted(
+            f"{cfg.weights.keep_versions + 1} weight versions ({cfg.weights.keep_versions} kept + the one being "
+            f"published) take {need / 1e9:.2f} GB and the largest object store has {have / 1e9:.2f} GB: lower "
+            "weights.keep_versions (fixed staleness needs max_staleness + 2), set weights.dtype=bfloat16, or give "
+            "Ray more object store memory (ray start --object-store-memory)"
+        )
 
 
 def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = None) -> Any:  # noqa: ANN001
@@ -78,6 +105,8 @@ def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = No
             except ray.exceptions.RayActorError as exc:
                 raise LearnerDied(f"the learner died (rank {refs.index(ref)}: {type(exc).__name__})") from None
             except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, DoesNotFit):
+                    raise NotStarted(str(exc.cause)) from None
                 # Often the echo of another rank's death (its peer's socket closed under a collective): name the
                 # dead rank if there is one. A call to a dead actor fails and a live one answers (it is threaded).
                 for i, rank in enumerate(ranks or []):
@@ -111,7 +140,7 @@ def start_learner_ranks(cfg: Config, model_dir: str, run_dir: Path, redis: Redis
         ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise RunFailed(
+        raise NotStarted(
             f"the learner's {lc.num_processes} ranks ({bundle} each, {lc.placement_strategy}) could not be placed in "
             f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}: lower learner.num_processes, "
             "learner.gpus or learner.cpu_threads, or add nodes (cluster.num_cpus for a local run)"
@@ -397,7 +426,12 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
         redis = start_redis(cfg, stack, data_dir=run_dir / "redis")
         model_dir = resolve_model(cfg)
         start_ray(cfg, stack)
-        run = Run(cfg, run_dir, redis, model_dir)
+        try:
+            check_object_store(cfg, model_dir)
+            run = Run(cfg, run_dir, redis, model_dir)
+        except NotStarted as exc:  # one line; what it started goes with Ray (local) or with this job (cluster)
+            console.print(f"[bold red]error:[/] {exc}")
+            return 1
         stack.callback(_kill_actors, run)
         url = ray.get(run.hub.prometheus_url.remote())
         console.print(f"prometheus metrics: {url}")
@@ -420,8 +454,11 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
             console.print("[yellow]stopping: workers, then a checkpoint (Ctrl-C again to abort)[/]")
         except RunFailed as exc:
             died = exc
-        learner_alive = not isinstance(died, LearnerDied)
+        learner_alive = not isinstance(died, (LearnerDied, NotStarted))
         summary = run.stop(final_eval=not interrupted and died is None, learner_alive=learner_alive)
+    if isinstance(died, NotStarted):
+        console.print(f"[bold red]error:[/] {died}")
+        return 1
     if died is not None:  # one clear message, no traceback: what happened and how to go on
         redo = "the learner checkpointed" if learner_alive else "updates after its last checkpoint are redone on resume"
         console.print(f"[bold red]error:[/] {died}; {redo}")

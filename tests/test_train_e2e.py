@@ -208,3 +208,16 @@ def test_ray_job_submit(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_weight_versions_that_cannot_fit_the_object_store_are_refused_before_anything_starts(tmp_path):
+    """100,001 versions of the tiny model (~2.4 MB each) cannot fit a local object store: one error line naming
+    the setting, exit 1, no traceback, no update made, nothing left running."""
+    out, left_behind, _ = staleflow_tracked(["train", *SHORT, "weights.keep_versions=100000",
+                                             f"runs_dir={tmp_path}", "name=store"])
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "weights.keep_versions" in errors[0] and "object store" in errors[0], text[-4000:]
+    assert "Traceback" not in text and not (tmp_path / "store" / "ledger.jsonl").exists()
+    assert not left_behind, left_behind
