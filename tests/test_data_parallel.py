@@ -8,6 +8,7 @@
    trained weights (those of the last checkpoint, consolidated).
 3. SIGKILL of rank 1: the run stops with one error line naming the rank, leaves nothing running, and
    `--resume` finishes it exactly once (ledger).
+4. Ctrl-C: every rank stops (none is left in a collective) and checkpoints its shard; exit 130.
 """
 
 from __future__ import annotations
@@ -143,3 +144,27 @@ def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_pat
     check_exactly_once(run_dir, updates)
     assert len(set(re.findall(r"learner rank [01] of 2: pid (\d+)", resumed.stdout + resumed.stderr))) == 2
     print(f"DP rank-1 kill: resume took {time.time() - t0:.0f} s; ledger lines {len(lines(run_dir / 'ledger.jsonl'))}")
+
+
+def test_ctrl_c_stops_every_rank_with_a_checkpoint_of_both_shards(tmp_path):
+    """SIGINT while rank 0 waits for data or trains: rank 0 tells the others (they wait in its broadcast), every
+    rank checkpoints, the run exits 130 and leaves nothing running. A hang here is a rank left in a collective."""
+    run_dir, log = tmp_path / "ctrlc", tmp_path / "ctrlc.log"
+    driver = spawn(["train", *FAST, *TWO, "learner.total_steps=100000", "learner.checkpoint_every=1000",
+                    f"runs_dir={tmp_path}", "name=ctrlc"], log)
+    try:
+        wait_for(lambda: ledger_in_force(run_dir).get(2), 900, "update 2", driver, log)
+        services = own_services(driver)
+        driver.send_signal(signal.SIGINT)
+        code = driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = log.read_text()
+    assert code == 130, out[-4000:]
+    assert "Traceback" not in out and "error:" not in out, out[-4000:]
+    assert_gone(services)
+    tag = (run_dir / "checkpoints/latest").read_text().strip()
+    assert int(tag[1:]) == max(ledger_in_force(run_dir)) >= 2  # the version it stopped at, not an older one
+    files = {p.name for p in (run_dir / "checkpoints" / tag).iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files
