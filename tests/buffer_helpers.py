@@ -46,7 +46,7 @@ def produce(url: str, cfg_json: str, worker: str, count: int) -> None:
     for i in range(count):
         while buf.admit(worker, 1, timeout_s=5).granted == 0:
             pass
-        buf.push(make_group(buf.version(), gid=f"{worker}-{i}", seed=i), worker, timeout_s=60)
+        buf.push(make_group(buf.version(), gid=f"{worker}-{i}", seed=i), worker, timeout_s=600)
 
 
 def grab_grants(url: str, cfg_json: str, worker: str, start, out) -> None:  # noqa: ANN001

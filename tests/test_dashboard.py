@@ -50,13 +50,13 @@ def dashboard(runs_root: Path):
 
 
 def get(url: str) -> dict | list:
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(url, timeout=120) as r:
         return json.loads(r.read())
 
 
 def status_of(url: str) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=120) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -147,7 +147,7 @@ def chromium(binary: str, profile: Path, url: str, *args: str) -> subprocess.Com
         "--hide-scrollbars", f"--user-data-dir={profile}", "--window-size=1500,2500",
         "--virtual-time-budget=15000", *args, url,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a loaded machine starts it slowly
 
 
 def test_every_panel_renders_in_headless_chromium(dashboard: str, tmp_path: Path) -> None:

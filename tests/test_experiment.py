@@ -30,7 +30,7 @@ def grid(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     cmd = [sys.executable, "-m", "services.cli", "experiment", "staleness", "--s", "1", "--losses", "m2po",
            "--seeds", "0", "--updates", str(UPDATES), "-o", str(out), "configs/tiny-cpu.yaml", *SMALL]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -79,7 +79,7 @@ def test_finished_cells_are_reused(grid):
     before = (run_dir / "metrics.jsonl").stat().st_mtime_ns
     cmd = [sys.executable, "-m", "services.cli", "experiment", "staleness", "--s", "1", "--losses", "m2po",
            "--seeds", "0", "--updates", str(UPDATES), "-o", str(out), "configs/tiny-cpu.yaml", *SMALL]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == before
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["m2po-s1-seed0"]

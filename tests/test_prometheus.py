@@ -103,7 +103,7 @@ def test_prometheus_config_scrapes_the_learner_hub() -> None:
     assert job["static_configs"][0]["targets"] == ["learner:9400"]
     promtool = require_binary("promtool", "prometheus")
     check = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -131,7 +131,7 @@ class Prometheus:
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -152,7 +152,7 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
-    def wait_for(self, promql: str, ok, timeout: float = 60) -> list[dict]:
+    def wait_for(self, promql: str, ok, timeout: float = 600) -> list[dict]:  # a deadline, not a window
         deadline = time.monotonic() + timeout
         while True:
             result = self.query(promql)
@@ -192,7 +192,7 @@ def test_real_prometheus_scrapes_the_hub(tmp_path: Path) -> None:
         assert first[0]["metric"]["run"] == "scraped-run" and first[0]["metric"]["job"] == "staleflow"
         # A second stretch of the run, so counters grow between scrapes (Grafana's increase() needs two).
         feed_run(hub, steps=10, seed=2)
-        deadline = time.monotonic() + 30  # the last step's record is written once the step is quiet
+        deadline = time.monotonic() + 300  # the last step's record is written once the step is quiet
         while len(lines := (hub.run_dir / "metrics.jsonl").read_text().splitlines()) < 20:
             assert time.monotonic() < deadline, f"{len(lines)} learner records, expected 20"
             time.sleep(0.2)

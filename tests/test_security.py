@@ -128,7 +128,7 @@ def test_metrics_and_dashboard_listen_on_loopback_by_default(tmp_path):
 
 def _staleflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_no_secret_in_the_printed_or_saved_config():

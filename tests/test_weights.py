@@ -112,6 +112,9 @@ def registry(ray_local):
     """A fresh registry (keeping 3 versions) under its own name, killed afterwards."""
     name = f"weights-{next(_counter)}"
     handle = start_registry(3, namespace=NAMESPACE, name=name)
+    # Up before the test starts: a new actor's process starts slowly on a loaded machine, and the tests' own
+    # timeouts are about the calls, not that start.
+    ray.get(handle.__ray_ready__.remote(), timeout=600)
     yield handle
     ray.kill(handle)
 
@@ -130,7 +133,7 @@ def _fetch_all(fetcher: WeightsFetcher, version=None) -> tuple[int, dict[str, to
 
 @pytest.mark.slow
 def test_publish_fetch_round_trip_through_ray(registry):
-    fetcher = WeightsFetcher(registry, timeout_s=30)
+    fetcher = WeightsFetcher(registry, timeout_s=120)
     for version, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16], start=1):
         tensors = _odd_tensors(dtype)
         tensors["big"] = torch.randn(300_000).to(dtype)  # over the 1 MB bucket in float32: several buckets
@@ -155,7 +158,7 @@ def test_publish_fetch_round_trip_through_ray(registry):
 
 @pytest.mark.slow
 def test_registry_keeps_the_last_k_and_serves_a_specific_version(registry):
-    fetcher = WeightsFetcher(registry, timeout_s=30)
+    fetcher = WeightsFetcher(registry, timeout_s=120)
     assert fetcher.latest_version() == -1
     with pytest.raises(WeightsError, match="nothing has been published"):
         fetcher.fetch()
@@ -199,15 +202,16 @@ def _never_done(seconds: float) -> np.ndarray:
 def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
     pending = _never_done.remote(600)
     manifest = WeightsManifest(3, [[]], 0, "float32")
-    ray.get(registry.register.remote(manifest, [pending]), timeout=30)
-    fetched = WeightsFetcher(registry, timeout_s=0.5).fetch()
+    ray.get(registry.register.remote(manifest, [pending]), timeout=120)
+    fetched = WeightsFetcher(registry, timeout_s=120).fetch()  # the registry answers (however slowly)...
+    fetched._timeout_s = 0.5  # ...while the bucket never comes: only that wait is short, and it must time out
     with pytest.raises(WeightsTimeout, match=r"version 3, bucket 1/1: not available within 0.5s"):
         list(fetched.tensors())
     ray.cancel(pending, force=True)
     # A publish slower than its timeout is an error too, and registers nothing.
     with pytest.raises(WeightsTimeout, match=r"publishing weights version 4: packing and putting 1 buckets"):
         WeightPublisher(registry, timeout_s=1e-9).publish(Params({"w": torch.ones(3)}), 4)
-    assert ray.get(registry.versions.remote(), timeout=30) == [3]
+    assert ray.get(registry.versions.remote(), timeout=120) == [3]
 
 
 @pytest.mark.slow
@@ -298,16 +302,16 @@ def test_publish_from_a_deepspeed_engine_gives_its_exact_parameters(registry, ds
         assert all(p.numel() == 0 for p in ds_engine.module.parameters())
     expected = _full_params(ds_engine)
     assert any(not torch.equal(initial[n], p) for n, p in expected.items())  # the update changed weights
-    fetcher = WeightsFetcher(registry, timeout_s=30)
+    fetcher = WeightsFetcher(registry, timeout_s=120)
 
-    WeightPublisher(registry, timeout_s=30).publish(ds_engine, version=1)
+    WeightPublisher(registry, timeout_s=120).publish(ds_engine, version=1)
     version, out = _fetch_all(fetcher)
     assert version == 1 and list(out) == list(expected)
     for name, p in expected.items():
         assert out[name].dtype == torch.float32 and torch.equal(out[name], p), name
 
     # bf16 rollout in several buckets (the tiny model fits one bucket of 1 MB: use 4 KiB ones)
-    publisher = WeightPublisher(registry, dtype="bfloat16", timeout_s=30)
+    publisher = WeightPublisher(registry, dtype="bfloat16", timeout_s=120)
     publisher.bucket_bytes = 4096
     publisher.publish(ds_engine, version=2)
     fetched = fetcher.fetch(2)

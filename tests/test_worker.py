@@ -192,7 +192,8 @@ def test_an_eval_swapping_weights_mid_batch_cannot_change_the_version_a_fixed_ba
     try:
         assert worker.run(max_batches=1) == 1
     finally:
-        swaps[0].join(timeout=30)
+        swaps[0].join(timeout=600)  # the swap lands once the batch releases the lock: wait for it, not a window
+    assert not swaps[0].is_alive(), "the eval's swap never got the engine lock"
     groups = stream_groups(buf)
     assert len(groups) == 2 and all(g.slot == 3 and g.version_min == g.version_max == 2 for g in groups)
     assert engine.version == 3  # the eval's swap happened, after the batch
