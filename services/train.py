@@ -285,6 +285,10 @@ class Run:
     def start(self) -> int:
         rendezvous = _from_learner(self.learners[0].rendezvous.remote()) if len(self.learners) > 1 else None
         version = _from_learners([rank.setup.remote(rendezvous) for rank in self.learners], ranks=self.learners)
+        # Which process is which rank (for py-spy, a kill, a look at one rank's log): Ray's log deduplication can
+        # fold the ranks' own lines into one.
+        pids = ray.get([rank.pid.remote() for rank in self.learners])
+        (self.run_dir / "learners.json").write_text(json.dumps([{"rank": r, "pid": p} for r, p in enumerate(pids)]))
         if version == 0 and self.cfg.learner.eval_every:
             # The starting point of every curve: the eval at version 0 (the warm start), before any worker
             # generates, so the newest published weights are v0 for sure. A resumed run has it already.

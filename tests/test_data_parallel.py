@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -39,6 +39,11 @@ from tests.test_train_e2e import REPO, staleflow
 pytestmark = pytest.mark.slow
 
 TWO = ["learner.num_processes=2", "cluster.num_cpus=3"]  # 2 learner ranks + 1 worker on a 2-core machine
+
+
+def ranks(run_dir: Path) -> list[dict]:
+    """The run's learner ranks: [{rank, pid}] (learners.json, written once every rank is set up)."""
+    return json.loads((run_dir / "learners.json").read_text())
 
 
 def consolidated(checkpoints: Path, version: int) -> dict[str, torch.Tensor]:
@@ -82,8 +87,7 @@ def test_two_ranks_make_the_update_one_rank_makes(redis_server, tmp_path):
         assert ledger_in_force(tmp_path / name)[1]["trajectory_ids"] == prefilled  # update 1 = the prefilled batch
         runs[name] = out.stdout + out.stderr
     # Two rank processes, and both ranks' optimizer shards in each checkpoint (DeepSpeed's own files).
-    pids = set(re.findall(r"learner rank [01] of 2: pid (\d+)", runs["two"]))
-    assert len(pids) == 2, runs["two"][-4000:]
+    assert len({r["pid"] for r in ranks(tmp_path / "two")}) == 2
     for v in (1, 2):
         files = {p.name for p in (tmp_path / "two/checkpoints" / f"v{v:08d}").iterdir()}
         assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
@@ -120,9 +124,8 @@ def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_pat
     driver = spawn(["train", *FAST, *TWO, "learner.total_steps=100000", "learner.checkpoint_every=2",
                     f"runs_dir={tmp_path}", "name=rkill"], log)
     try:
-        pid = int(wait_for(lambda: re.search(r"learner rank 1 of 2: pid (\d+)", log.read_text()), 900,
-                           "rank 1", driver, log).group(1))
         wait_for(lambda: ledger_in_force(run_dir).get(3), 900, "update 3", driver, log)  # past checkpoint v2
+        pid = ranks(run_dir)[1]["pid"]
         services = own_services(driver)
         os.kill(pid, signal.SIGKILL)
         code = finish(driver, 900)
@@ -142,7 +145,7 @@ def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_pat
     resumed = staleflow(["train", "--resume", str(run_dir), f"learner.total_steps={updates}"], timeout=900)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     check_exactly_once(run_dir, updates)
-    assert len(set(re.findall(r"learner rank [01] of 2: pid (\d+)", resumed.stdout + resumed.stderr))) == 2
+    assert len({r["pid"] for r in ranks(run_dir)}) == 2  # the resumed run's two ranks
     print(f"DP rank-1 kill: resume took {time.time() - t0:.0f} s; ledger lines {len(lines(run_dir / 'ledger.jsonl'))}")
 
 
