@@ -5,7 +5,7 @@
    those (the ledger says so), whatever the rollout worker adds later. The weights after update 1 (DeepSpeed's
    fp32 master weights, consolidated from each run's ZeRO checkpoint) agree, and differ from the start.
 2. ZeRO-3 on 2 ranks: every rank's shard in the checkpoint, and the final folder loads in transformers with the
-   trained weights (those of the last checkpoint, consolidated).
+   trained weights (those of the last checkpoint, consolidated) and in vLLM (the run's final eval, again).
 3. SIGKILL of rank 1: the run stops with one error line naming the rank, leaves nothing running, and
    `--resume` finishes it exactly once (ledger).
 4. Ctrl-C: every rank stops (none is left in a collective) and checkpoints its shard; exit 130.
@@ -116,6 +116,14 @@ def test_zero3_on_two_ranks_saves_shards_and_a_final_folder_transformers_loads(t
     for name, t in trained.items():
         torch.testing.assert_close(final[name].detach(), t, rtol=0, atol=0)  # the gathered weights, exactly
     assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-4  # and they were trained
+    # vLLM loads it too, with the trained weights: greedy held-out accuracy equals the run's final eval (which
+    # ran on the published version 2 in a rollout worker).
+    result = tmp_path / "eval.json"
+    ev = staleflow(["eval", "--model", str(run_dir / "final"), "--out", str(result), "task.eval_size=16"], timeout=900)
+    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
+    final_eval = json.loads((run_dir / "eval.json").read_text())
+    assert final_eval["version"] == 2
+    assert json.loads(result.read_text())["accuracy"] == final_eval["accuracy"]
 
 
 def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_path):
