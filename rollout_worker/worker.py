@@ -94,7 +94,8 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
-        """Ask run() to return after the batch in flight (safe from another thread)."""
+        """Ask run() to return after the batch in flight (safe from another thread). Final: a run() that starts
+        afterwards returns at once (the driver's stop can reach a worker before its first run() does)."""
         self._stop.set()
 
     def run(self, max_batches: int | None = None) -> int:
@@ -103,7 +104,6 @@ class RolloutWorker:
         Two-stage pipeline: while batch k is scored, packed and pushed on a helper thread, batch k+1 is already
         being admitted and generated (at most one batch in flight behind the engine). An error in the push
         stage (BufferFull, Redis down) surfaces here at the next batch boundary."""
-        self._stop.clear()
         returned = self.buffer.release(self.worker_id)  # grants a previous incarnation never used
         if returned:
             log.info("worker %s: released %d grants of a previous incarnation", self.worker_id, returned)

@@ -125,6 +125,7 @@ def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = No
 
 
 PLACEMENT_TIMEOUT_S = 300
+WORKER_BUILD_TIMEOUT_S = 1800
 
 
 def start_learner_ranks(cfg: Config, model_dir: str, run_dir: Path, redis: RedisEndpoint, registry, hub):  # noqa: ANN001, ANN201
@@ -278,6 +279,12 @@ class Run:
         self._eval_ref: ray.ObjectRef | None = None
         self._train_refs: list[ray.ObjectRef] | None = None  # the update in flight (one call per rank), if any
 
+    def _a_worker_is_built(self) -> None:
+        """Wait until one worker's constructor (its engine) is done, or has failed. A short run on a loaded machine
+        can end before any worker is built (seen: over 5 min for vLLM's start beside two busy loops); an eval's own
+        deadline must not count that start, which is progress, not a hang. Bounded by WORKER_BUILD_TIMEOUT_S."""
+        ray.wait([w.__ray_ready__.remote() for w in self.workers], num_returns=1, timeout=WORKER_BUILD_TIMEOUT_S)
+
     def _on_learners(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank (train, checkpoint, save_final are collectives)."""
         return [getattr(rank, method).remote(*args) for rank in self.learners]
@@ -292,6 +299,7 @@ class Run:
         if version == 0 and self.cfg.learner.eval_every:
             # The starting point of every curve: the eval at version 0 (the warm start), before any worker
             # generates, so the newest published weights are v0 for sure. A resumed run has it already.
+            self._a_worker_is_built()
             self.evals.append(evaluate_on_a_live_worker(self.workers, set(), timeout_s=600))
             console.print(f"held-out accuracy at version 0 (the warm start): {self.evals[-1]['accuracy']:.3f}")
         self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
@@ -412,6 +420,7 @@ class Run:
         if self._eval_ref is not None:  # an eval in flight: let it land in the curve first
             self.poll_eval(-1, force=True)
         # A worker Ray is restarting (killed near the end) cannot take it: another one does, or it is waited for.
+        self._a_worker_is_built()
         result = evaluate_on_a_live_worker(self.workers, set(self.probes), timeout_s=300)
         summary["final_eval"] = result
         (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
