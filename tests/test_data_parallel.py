@@ -82,7 +82,9 @@ def test_two_ranks_make_the_update_one_rank_makes(redis_server, tmp_path):
     runs = {}
     for name, extra in (("one", ["learner.total_steps=1"]), ("two", [*TWO, "learner.total_steps=2"])):
         prefilled = prefill(redis_server, name, common)
-        out = staleflow(["train", *common, *extra, f"name={name}"], env=env, timeout=900)
+        # A deadline for a hang only: beside two busy loops the first run (it builds the tiny model, then waits
+        # for vLLM's start before its final eval) took over 15 minutes.
+        out = staleflow(["train", *common, *extra, f"name={name}"], env=env, timeout=2400)
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         assert ledger_in_force(tmp_path / name)[1]["trajectory_ids"] == prefilled  # update 1 = the prefilled batch
         runs[name] = out.stdout + out.stderr
@@ -106,7 +108,7 @@ def test_zero3_on_two_ranks_saves_shards_and_a_final_folder_transformers_loads(t
 
     run_dir = tmp_path / "z3"
     out = staleflow(["train", *FAST, *TWO, "learner.zero_stage=3", "learner.total_steps=2",
-                     "learner.checkpoint_every=1", f"runs_dir={tmp_path}", "name=z3"], timeout=900)
+                     "learner.checkpoint_every=1", f"runs_dir={tmp_path}", "name=z3"], timeout=2400)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     files = {p.name for p in (run_dir / "checkpoints/v00000002").iterdir()}
     assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= files
@@ -119,7 +121,7 @@ def test_zero3_on_two_ranks_saves_shards_and_a_final_folder_transformers_loads(t
     # vLLM loads it too, with the trained weights: greedy held-out accuracy equals the run's final eval (which
     # ran on the published version 2 in a rollout worker).
     result = tmp_path / "eval.json"
-    ev = staleflow(["eval", "--model", str(run_dir / "final"), "--out", str(result), "task.eval_size=16"], timeout=900)
+    ev = staleflow(["eval", "--model", str(run_dir / "final"), "--out", str(result), "task.eval_size=16"], timeout=2400)
     assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
     final_eval = json.loads((run_dir / "eval.json").read_text())
     assert final_eval["version"] == 2
@@ -150,7 +152,7 @@ def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_pat
     updates = max(ledger_in_force(run_dir)) + 2  # past what the killed run reached: the resume trains on
 
     t0 = time.time()
-    resumed = staleflow(["train", "--resume", str(run_dir), f"learner.total_steps={updates}"], timeout=900)
+    resumed = staleflow(["train", "--resume", str(run_dir), f"learner.total_steps={updates}"], timeout=2400)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     check_exactly_once(run_dir, updates)
     assert len({r["pid"] for r in ranks(run_dir)}) == 2  # the resumed run's two ranks
