@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from tests.test_faults_e2e import (
     FAST,
     assert_gone,
     check_exactly_once,
-    finish,
+    kill_and_finish,
     ledger_in_force,
     lines,
     own_services,
@@ -137,12 +136,10 @@ def test_rank_1_killed_stops_the_run_and_resume_finishes_it_exactly_once(tmp_pat
         wait_for(lambda: ledger_in_force(run_dir).get(3), 900, "update 3", driver, log)  # past checkpoint v2
         pid = ranks(run_dir)[1]["pid"]
         services = own_services(driver)
-        os.kill(pid, signal.SIGKILL)
-        code = finish(driver, 900)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    out = log.read_text()
+    except BaseException:
+        driver.kill()
+        raise
+    code, out = kill_and_finish(driver, log, pid)
     assert code == 1, out[-4000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "learner died (rank 1" in errors[0], out[-4000:]

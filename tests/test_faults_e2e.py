@@ -123,6 +123,17 @@ def batches(run_dir: Path, since: float = 0.0) -> list[dict]:
     return [r for r in lines(run_dir / "rollout.jsonl") if "rollout/groups" in r and r["time"] > since]
 
 
+def kill_and_finish(driver: subprocess.Popen, log: Path, pid: int) -> tuple[int, str]:
+    """SIGKILL `pid` (a process of the run) and let the driver end; returns (its exit code, its output)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        code = finish(driver, 900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return code, log.read_text()
+
+
 def ledger_in_force(run_dir: Path) -> dict[int, dict]:
     hist: dict[int, dict] = {}
     for rec in lines(run_dir / "ledger.jsonl"):
@@ -205,12 +216,10 @@ def test_a_worker_dying_past_its_restarts_stops_the_run_cleanly_with_a_checkpoin
         wait_for(lambda: len(lines(run_dir / "metrics.jsonl")) >= 2, 900, "2 updates", driver, log)
         pid = wait_for(lambda: actor_pid(driver, "RolloutActor"), 120, "the worker's process", driver, log)
         services = own_services(driver)
-        os.kill(pid, signal.SIGKILL)
-        code = finish(driver, 900)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    out = log.read_text()
+    except BaseException:
+        driver.kill()
+        raise
+    code, out = kill_and_finish(driver, log, pid)
     assert code == 1, out[-4000:]
     assert "worker-0 failed and its restarts are used up" in out and "the learner checkpointed" in out, out[-4000:]
     assert f"staleflow train --resume {run_dir}" in out and "Traceback" not in out, out[-4000:]
