@@ -11,13 +11,14 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint soak bench setup setup-test clean help
+.PHONY: demo test test-gpu lint soak bench setup setup-test clean help
 
 help:
 	@echo "make demo   - train the tiny CPU model with M2PO end to end (staleflow train)"
 	@echo "make test   - lint (ruff), then the test suite (installs .venv and redis-server first)"
 	@echo "make bench  - run the benchmarks (JSON figures)"
 	@echo "make soak   - bounded soak test (~10 min)"
+	@echo "make test-gpu - the GPU-only tests (pytest -m gpu) in .venv-gpu with the CUDA build of vLLM"
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,14 @@ demo: setup
 
 test: setup-test lint
 	$(PY) -m pytest -ra --durations=15 $(PYTEST_ARGS)
+
+# GPU-only paths, on a machine with an NVIDIA GPU: the `gpu` extra (the CUDA build of vLLM) in its own .venv-gpu,
+# then pytest -m gpu. The one-script GPU check (JSON figures): .venv-gpu/bin/python benchmarks/gpu_check.py.
+test-gpu:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "make test-gpu: skipped, no NVIDIA GPU here (nvidia-smi finds none)"; exit 0; fi; \
+	$(MAKE) setup-test VENV=.venv-gpu EXTRAS=gpu,dev && \
+	DS_ACCELERATOR=cuda .venv-gpu/bin/python -m pytest -ra -m gpu $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TaskConfig(BaseModel):
@@ -49,7 +49,25 @@ class RolloutConfig(BaseModel):
     cpu_kvcache_gib: int = Field(1, ge=1)
     cpu_threads: int = Field(1, ge=1, description="Torch/OMP threads of a CPU engine.")
     max_restarts: int = Field(3, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (vLLM's Ray executor).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "SPREAD", description="How the workers' placement group spreads them over nodes (SPREAD: one per node "
+                              "where possible, so a node pulls each weight version once for its workers).")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _tensor_parallel_on_whole_gpus(self) -> RolloutConfig:
+        # Each of an engine's tp processes takes one whole GPU, and they must share a node (NVLink, one
+        # process group): a spreading strategy would scatter one engine's GPUs over nodes.
+        if self.tensor_parallel_size > 1:
+            if self.gpus_per_worker != 1:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} puts each of the engine's "
+                                 f"processes on one whole GPU: gpus_per_worker must be 1 (GPUs per process), got "
+                                 f"{self.gpus_per_worker}")
+            if self.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
+                raise ValueError(f"tensor_parallel_size > 1 needs placement_strategy PACK or STRICT_PACK (one "
+                                 f"engine's GPUs on one node), got {self.placement_strategy}")
+        return self
 
     @field_validator("temperature")
     @classmethod

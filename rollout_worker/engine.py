@@ -50,8 +50,11 @@ class Sample:
     text: str = ""  # vLLM's detokenised text (stop strings already cut off)
 
 
+# What update_weights takes: (name, tensor) pairs, or published weights with `refs()` (rollout_worker.weights).
+Weights = Iterable[tuple[str, torch.Tensor]]
+
 # The engine asks this between steps when partial rollouts are on: None, or the weights and version to load now.
-WeightsPoll = Callable[[], "tuple[Iterable[tuple[str, torch.Tensor]], int] | None"]
+WeightsPoll = Callable[[], "tuple[Weights, int] | None"]
 
 
 # An engine's version while a load is under way, and after one that failed half way: its weights are a mix of
@@ -74,7 +77,7 @@ class GenerationEngine(Protocol):
         poll_weights: WeightsPoll | None = None,
     ) -> list[list[Sample]]: ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+    def update_weights(self, weights: Weights, version: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -111,6 +114,10 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = cfg.cpu_kvcache_gib * GiB
         else:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.tensor_parallel_size > 1:
+            # Its processes are Ray actors (the worker's placement group bundles: services/placement.py), so the
+            # weight references reach each of them and each pulls the buckets on its node.
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="ray")
         self.llm = LLM(
             model=str(model_dir),
             dtype=_checkpoint_dtype(model_dir) if cfg.dtype == "auto" else cfg.dtype,
@@ -126,12 +133,18 @@ class VLLMEngine:
         self._next_id = 0
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(self, weights: Weights, version: int) -> None:
         """Load checkpoint-format (HF names) weights in place, then drop every cached prefix (its KV was
-        computed by the old weights). Buckets arrive while they load, so a fetch that fails half way leaves the
+        computed by the old weights). `weights`: published weights (rollout_worker.weights.FetchedWeights, whose
+        bucket references go to the engine's processes, each pulling the buckets itself), or (name, tensor)
+        pairs of this process. Buckets arrive while they load, so a fetch that fails half way leaves the
         weights mixed: the version stays UNKNOWN_VERSION until the last tensor is in."""
         self.version = UNKNOWN_VERSION
-        self.llm.collective_rpc("staleflow_load_weights", args=(named_tensors,))
+        if hasattr(weights, "refs"):
+            self.llm.collective_rpc("staleflow_load_refs", args=(weights.refs(),))
+        else:  # a generator cannot reach tensor-parallel processes: they get a list
+            pairs = weights if self.cfg.tensor_parallel_size == 1 else list(weights)
+            self.llm.collective_rpc("staleflow_load_weights", args=(pairs,))
         self.llm.reset_prefix_cache()
         self.version = version
 

@@ -3,9 +3,10 @@
 vLLM mixes this class into its worker
 (`LLM(..., worker_extension_cls="rollout_worker.vllm_ext.WeightUpdateExtension")`), so
 `llm.collective_rpc("staleflow_load_weights", args=(pairs,))` runs `staleflow_load_weights` next to the model.
-The engine core runs in our process (see engine.py), so `pairs` arrive as the tensors themselves: measured on
-the tiny model, 25 ms per update against 29 ms for the same weights packed as safetensors bytes (what an
-out-of-process engine core would need, since collective_rpc turns tensors into lists there).
+Published weights take `staleflow_load_refs(weight_refs)`: the bucket references travel (to the one in-process
+worker, or to each tensor-parallel worker through vLLM's Ray executor) and each worker pulls the buckets from its
+node's object store. `staleflow_load_weights` takes (name, tensor) pairs of the calling process (tests,
+benchmarks; a list for a tensor-parallel engine).
 
 Why more than `reload_weights`: on the CPU build the vocab embedding / lm_head GEMM is pre-packed
 (`dispatch_cpu_unquantized_gemm`), and a stale packed copy leaves the logits those of the old weights (reported
@@ -45,3 +46,9 @@ class WeightUpdateExtension:
             if isinstance(module, VocabParallelEmbedding):
                 module.quant_method.process_weights_after_loading(module)
         return count
+
+    def staleflow_load_refs(self, refs) -> int:  # noqa: ANN001 (a rollout_worker.weights.WeightRefs)
+        """Load a published version from its bucket references: this process pulls the buckets from its node's
+        object store and loads them (a tensor-parallel rank keeps its shard of each). The references, not a
+        generator, cross the process boundary: a generator cannot reach tensor-parallel worker processes."""
+        return self.staleflow_load_weights(refs.tensors())

@@ -6,6 +6,8 @@ store.
         fetched = fetcher.fetch()                                  # newest; fetch(version=v) in fixed mode
         engine.update_weights(fetched.tensors(), fetched.version)  # consumes (name, tensor) bucket by bucket
 
+The rollout worker hands `fetched.refs()` to its engine instead: the references travel to each of the engine's
+processes (one, or tensor_parallel_size of them), and each pulls the buckets itself (WeightRefs.tensors()).
 `tensors()` yields zero-copy, read-only views over the object-store buffers, one bucket at a time: only the
 bucket being loaded (plus the next one, prefetched) is held, never a second full copy of the model. The
 consumer must copy each tensor (load it) and not keep or write to it. Every Ray wait has a timeout, so a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,24 +40,26 @@ def _ask(call: Any, what: str, timeout_s: float) -> Any:
         raise WeightsError(f"{what}: the weight registry actor is gone ({type(exc).__name__})") from exc
 
 
-class FetchedWeights:
-    """One version on its way in: `manifest` now, the tensors lazily through `tensors()` (iterate once)."""
+@dataclass
+class WeightRefs:
+    """A version's manifest and bucket references: what travels to the engine's processes, not the bytes. Each
+    process that iterates `tensors()` pulls the buckets from its own node's object store (Ray moves an object to a
+    node once, however many processes there read it): a tensor-parallel engine's processes each load their shard
+    from the same local copy."""
 
-    def __init__(self, manifest: WeightsManifest, refs: list[ray.ObjectRef], timeout_s: float,
-                 metrics: MetricsLogger | None):
-        self.manifest = manifest
-        self.version = manifest.version
-        self._refs = refs
-        self._timeout_s = timeout_s
-        self._metrics = metrics
-        self.seconds: float | None = None  # fetch + load time, set when tensors() is exhausted
+    manifest: WeightsManifest
+    refs: list[ray.ObjectRef]
+    timeout_s: float
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs, bucket by bucket, in the publisher's order."""
-        if self._refs is None:
+        """(name, tensor) pairs, bucket by bucket, in the publisher's order; iterate once."""
+        refs, self.refs = self.refs, []  # drop our refs as we go, so loaded buckets can be freed
+        if not refs and self.manifest.buckets:
             raise WeightsError(f"weights version {self.version}: tensors() can be iterated only once")
-        refs, self._refs = self._refs, None  # drop our refs as we go, so loaded buckets can be freed
-        t0 = time.perf_counter()
         n = len(refs)
         for i in range(n):
             if i + 1 < n:
@@ -68,18 +73,13 @@ class FetchedWeights:
                                    f" manifest says {expected}")
             yield from unpack_bucket(self.manifest.buckets[i], buf)
             del buf
-        self.seconds = time.perf_counter() - t0
-        if self._metrics is not None:
-            self._metrics(self.version, {"weights/fetch_s": self.seconds,
-                                         "weights/bytes": float(self.manifest.total_bytes),
-                                         "weights/version": float(self.version)})
 
     def _get(self, ref: ray.ObjectRef, i: int, n: int) -> np.ndarray:
         what = f"weights version {self.version}, bucket {i + 1}/{n}"
         try:
-            buf = ray.get(ref, timeout=self._timeout_s)
+            buf = ray.get(ref, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise WeightsTimeout(f"fetching {what}: not available within {self._timeout_s}s") from None
+            raise WeightsTimeout(f"fetching {what}: not available within {self.timeout_s}s") from None
         except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
             raise WeightsError(f"fetching {what}: the object is lost (was the learner that published it"
                                f" restarted?): {type(exc).__name__}") from exc
@@ -88,6 +88,35 @@ class FetchedWeights:
         if not isinstance(buf, np.ndarray):
             raise WeightsError(f"fetching {what}: expected a numpy uint8 array, got {type(buf).__name__}")
         return buf
+
+
+class FetchedWeights:
+    """One version on its way in: `manifest` now; then either `refs()`, the references to hand to an engine
+    whose processes pull the buckets themselves (the rollout worker's path), or `tensors()` here. Once."""
+
+    def __init__(self, manifest: WeightsManifest, refs: list[ray.ObjectRef], timeout_s: float,
+                 metrics: MetricsLogger | None):
+        self.manifest = manifest
+        self.version = manifest.version
+        self._refs: WeightRefs | None = WeightRefs(manifest, refs, timeout_s)
+        self._metrics = metrics
+        self.seconds: float | None = None  # fetch + load time, set when tensors() is exhausted
+
+    def refs(self) -> WeightRefs:
+        if self._refs is None:
+            raise WeightsError(f"weights version {self.version}: already handed out")
+        refs, self._refs = self._refs, None
+        return refs
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, bucket by bucket, in the publisher's order."""
+        t0 = time.perf_counter()
+        yield from self.refs().tensors()
+        self.seconds = time.perf_counter() - t0
+        if self._metrics is not None:
+            self._metrics(self.version, {"weights/fetch_s": self.seconds,
+                                         "weights/bytes": float(self.manifest.total_bytes),
+                                         "weights/version": float(self.version)})
 
 
 class WeightsFetcher:
@@ -116,4 +145,4 @@ class WeightsFetcher:
         return FetchedWeights(manifest, list(refs), self.timeout_s, self.metrics)
 
 
-__all__ = ["FetchedWeights", "WeightsFetcher"]
+__all__ = ["FetchedWeights", "WeightRefs", "WeightsFetcher"]

@@ -20,23 +20,22 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from buffer.redis_buffer import Admission, StalenessBuffer
 from buffer.trajectory import Trajectory, TrajectoryGroup
 from rollout_worker.config import RolloutConfig, TaskConfig
-from rollout_worker.engine import UNKNOWN_VERSION, GenerationEngine, Sample
+from rollout_worker.engine import UNKNOWN_VERSION, GenerationEngine, Sample, Weights
 from rollout_worker.tasks import Prompt, Task, score
 
 log = logging.getLogger(__name__)
 
 GetLatest = Callable[[], int]
-Fetch = Callable[[int], Iterable[tuple[str, torch.Tensor]]]
+Fetch = Callable[[int], Weights]  # a version -> its weights (published ones, or pairs)
 Report = Callable[[int, dict[str, float]], None]  # report(step, values), like services.metrics_logger
 
 
@@ -194,6 +193,8 @@ class RolloutWorker:
 
         adm = self._admit(metrics)
         if adm is None:
+            if "weights/version" in metrics:  # stopped while waiting, after a load: every load is on record
+                self.report(self.step, metrics)
             return None
         with self.engine_lock:  # the weights checked here are the weights that generate (see __init__)
             failed = adm.required_version not in (None, self.engine.version) and not self._load(

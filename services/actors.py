@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -67,6 +68,13 @@ class LearnerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        """This process and its node (runs/<name>/placement.json)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the process group's store on this node; returns (address, port) for the other ranks."""
@@ -153,12 +161,19 @@ class RolloutActor:
             cfg.task,
             worker_id=worker_id,
             get_latest=self.fetcher.latest_version,
-            fetch=lambda version: self.fetcher.fetch(version).tensors(),
+            fetch=self.fetcher.fetch,  # its refs go to the engine's processes, which pull the buckets themselves
             report=logger,
         )
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        """This process and its node (runs/<name>/placement.json)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
     def run(self) -> int:
         return self.worker.run()
@@ -172,14 +187,22 @@ class RolloutActor:
 
         # The worker's engine lock: the rollout loop must not generate while the eval swaps weights (it would
         # tag a batch with weights it was not admitted for), and the eval must score the version it reports.
-        with self.worker.engine_lock:
+        records = []  # (source, step, values), in the hub before this returns: the final eval's come just before
+        with self.worker.engine_lock:  # the driver closes the hub, and a fire-and-forget record could come after
             if load_latest:
                 latest = self.fetcher.latest_version()
                 if latest > self.engine.version:
-                    self.engine.update_weights(self.fetcher.fetch(latest).tensors(), latest)
+                    t0 = time.perf_counter()
+                    self.engine.update_weights(self.fetcher.fetch(latest), latest)
+                    # A load like the loop's: every version a worker pulled is on record.
+                    records.append((f"rollout/{self.worker_id}", self.worker.step,
+                                    {"weights/version": latest, "weights/fetch_s": time.perf_counter() - t0}))
             version = self.engine.version
             result = evaluate(self.engine, self.task, n=1, timeout_s=self.cfg.task.reward_timeout_s)
         result["version"] = version
+        records.append(("eval", version, {"eval/accuracy": result["accuracy"], "eval/version": version}))
         if self.hub is not None:
-            metrics_logger(self.hub, "eval")(version, {"eval/accuracy": result["accuracy"], "eval/version": version})
+            import ray
+
+            ray.get([self.hub.log.remote(*r) for r in records], timeout=60)
         return result

@@ -67,6 +67,10 @@ class ClusterConfig(BaseModel):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="Local Ray: CPUs to declare (default: all).")
     namespace: str = "staleflow"
+    # Node roles: a custom Ray resource that marks the nodes of a role (`ray start --resources='{"learner": 1}'`).
+    # Each of the role's processes asks for a sliver of it, so it runs only on marked nodes. None: any node.
+    learner_resource: str | None = Field(None, description="Ray resource marking learner nodes (None: any node).")
+    rollout_resource: str | None = Field(None, description="Ray resource marking rollout nodes (None: any node).")
 
 
 SEEDED_SECTIONS = ("task", "rollout", "learner")  # the sections with a `seed` that the top-level one defaults

@@ -68,9 +68,11 @@ def start_ray(cfg: Config, stack: ExitStack) -> bool:
     return True
 
 
-def actor_env(cfg: Config, threads: int) -> dict[str, str]:
+def actor_env(cfg: Config, threads: int, gpu: bool) -> dict[str, str]:
     """Environment of a service actor. Threads are pinned per actor so vLLM and the learner share the cores
-    deliberately instead of both grabbing all of them (see docs/architecture.md, 'Sharing the cores')."""
+    deliberately instead of both grabbing all of them (see docs/architecture.md, 'Sharing the cores'). `gpu`: the
+    actor runs on GPUs (DeepSpeed's accelerator is named either way: an actor inherits its raylet's environment,
+    which may say otherwise; make sets cpu)."""
     env = {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
@@ -79,15 +81,11 @@ def actor_env(cfg: Config, threads: int) -> dict[str, str]:
         "RAY_DEDUP_LOGS": "0",
         # vLLM logs every in-place weight reload (each update) at INFO/WARNING: it would bury the live display.
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+        "DS_ACCELERATOR": "cuda" if gpu else "cpu",
     }
-    if not _has_gpu(cfg):
-        env["DS_ACCELERATOR"] = "cpu"
+    if not gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.cpu_kvcache_gib)
     return env
-
-
-def _has_gpu(cfg: Config) -> bool:
-    return cfg.rollout.gpus_per_worker > 0 or cfg.learner.gpus > 0
 
 
 def buffer_stats_json(cfg: Config) -> str:

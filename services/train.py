@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 from rich.console import Console
 
 from buffer.redis_buffer import StalenessBuffer
@@ -33,28 +33,23 @@ from buffer.server import connect
 from learner.memory import DoesNotFit
 from services.actors import LearnerActor, RolloutActor
 from services.config import Config, dump_config
+from services.errors import LearnerDied, NotStarted, RunFailed, WorkersLost
 from services.launcher import RedisEndpoint, actor_env, start_ray, start_redis
 from services.metrics import MetricsHub, buffer_metrics
+from services.placement import (
+    ROLE_SHARE,
+    PlacementLog,
+    bundle_nodes,
+    check_model_on,
+    check_object_store,
+    learner_bundles,
+    place,
+    rollout_bundles,
+)
 from services.progress import TrainDisplay
 from services.registry import REGISTRY_NAME, start_registry
 
 log = logging.getLogger(__name__)
-
-
-class RunFailed(RuntimeError):
-    """The run cannot go on; it stops cleanly (checkpoint if the learner lives) and can be resumed."""
-
-
-class LearnerDied(RunFailed):
-    """The learner actor's process is gone (killed, OOM, node lost)."""
-
-
-class NotStarted(RunFailed):
-    """A preflight failed (it cannot fit, it cannot be placed): nothing was trained, nothing to resume."""
-
-
-class WorkersLost(RunFailed):
-    """A rollout worker keeps dying and its restarts (rollout.max_restarts) are used up."""
 
 
 def _from_learner(ref: ray.ObjectRef) -> Any:
@@ -68,23 +63,6 @@ def _from_learner(ref: ray.ObjectRef) -> Any:
         if isinstance(exc.cause, DoesNotFit):
             raise NotStarted(str(exc.cause)) from None
         raise
-
-
-def check_object_store(cfg: Config, model_dir: str) -> None:
-    """(weights.keep_versions + 1) versions live in the object store at once (the registry keeps K, the newest
-    is being put): they must fit the largest node's store, or publishing fails minutes into the run."""
-    from learner.memory import weight_bytes
-
-    need = (cfg.weights.keep_versions + 1) * weight_bytes(model_dir, cfg.weights.dtype)
-    stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
-    have = max(stores, default=0)
-    if need > have:
-        raise NotStarted(
-            f"{cfg.weights.keep_versions + 1} weight versions ({cfg.weights.keep_versions} kept + the one being "
-            f"published) take {need / 1e9:.2f} GB and the largest object store has {have / 1e9:.2f} GB: lower "
-            "weights.keep_versions (fixed staleness needs max_staleness + 2), set weights.dtype=bfloat16, or give "
-            "Ray more object store memory (ray start --object-store-memory)"
-        )
 
 
 def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = None) -> Any:  # noqa: ANN001
@@ -124,36 +102,32 @@ def _from_learners(refs: list[ray.ObjectRef], idle=None, ranks: list | None = No
             idle()
 
 
-PLACEMENT_TIMEOUT_S = 300
 WORKER_BUILD_TIMEOUT_S = 1800
 
 
 def start_learner_ranks(cfg: Config, model_dir: str, run_dir: Path, redis: RedisEndpoint, registry, hub):  # noqa: ANN001, ANN201
     """learner.num_processes rank actors in one placement group (a bundle per rank: its GPUs, or its CPU threads
-    on CPU; learner.placement_strategy). Returns (placement group, [rank 0, rank 1, ...])."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+    on CPU, and the learner role's resource; learner.placement_strategy), after the model is found on their nodes
+    and its versions fit rank 0's object store. Returns (placement group, [rank 0, rank 1, ...])."""
     lc = cfg.learner
-    gpu = lc.gpus > 0
-    bundle = {"GPU": lc.gpus} if gpu else {"CPU": lc.cpu_threads}
-    pg = placement_group([bundle] * lc.num_processes, strategy=lc.placement_strategy)
+    pg = place(learner_bundles(cfg), lc.placement_strategy, f"the learner's {lc.num_processes} ranks",
+               "lower learner.num_processes, learner.gpus or learner.cpu_threads, add nodes (cluster.num_cpus for a "
+               "local run), or check cluster.learner_resource")
     try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
+        nodes = bundle_nodes(pg)
+        check_object_store(cfg, check_model_on(nodes, model_dir, cfg.weights.dtype, "learner"), nodes[0])
+    except NotStarted:
         remove_placement_group(pg)
-        raise NotStarted(
-            f"the learner's {lc.num_processes} ranks ({bundle} each, {lc.placement_strategy}) could not be placed in "
-            f"{PLACEMENT_TIMEOUT_S} s; the cluster has {ray.cluster_resources()}: lower learner.num_processes, "
-            "learner.gpus or learner.cpu_threads, or add nodes (cluster.num_cpus for a local run)"
-        ) from None
+        raise
     ranks = [
         ray.remote(LearnerActor)
         .options(
             max_concurrency=2,  # stop() must reach a train() that waits for data
-            num_cpus=0 if gpu else lc.cpu_threads,
+            num_cpus=0 if lc.gpus > 0 else lc.cpu_threads,
             num_gpus=lc.gpus,
+            resources={cfg.cluster.learner_resource: ROLE_SHARE} if cfg.cluster.learner_resource else None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": actor_env(cfg, lc.cpu_threads)},
+            runtime_env={"env_vars": actor_env(cfg, lc.cpu_threads, gpu=lc.gpus > 0)},
         )
         .remote(cfg, model_dir, str(run_dir), redis, registry, hub, rank)
         for rank in range(lc.num_processes)
@@ -161,9 +135,60 @@ def start_learner_ranks(cfg: Config, model_dir: str, run_dir: Path, redis: Redis
     return pg, ranks
 
 
+def start_rollout_workers(cfg: Config, model_dir: str, redis: RedisEndpoint, registry_name: str,
+                          hub_name: str):  # noqa: ANN201
+    """rollout.num_workers worker actors in one placement group (rollout.placement_strategy; the rollout role's
+    resource), after the model is found on their nodes. Returns (placement group, [worker 0, ...])."""
+    rc = cfg.rollout
+    tp = rc.tensor_parallel_size
+    pg = place(rollout_bundles(cfg), rc.placement_strategy, f"{rc.num_workers} rollout workers",
+               "lower rollout.num_workers, rollout.gpus_per_worker, rollout.tensor_parallel_size or "
+               "rollout.cpu_threads, add nodes, or check cluster.rollout_resource")
+    try:
+        check_model_on(bundle_nodes(pg), model_dir, cfg.weights.dtype, "rollout workers")
+    except NotStarted:
+        remove_placement_group(pg)
+        raise
+    workers = []
+    for i in range(rc.num_workers):
+        env = actor_env(cfg, rc.cpu_threads, gpu=rc.gpus_per_worker > 0 or tp > 1)
+        if tp > 1:  # vLLM's Ray executor puts its tp GPU processes in this worker's bundles
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(i * tp + k) for k in range(tp))
+        own_gpu = rc.gpus_per_worker if tp == 1 else 0
+        role = cfg.cluster.rollout_resource
+        workers.append(
+            ray.remote(RolloutActor)
+            .options(
+                num_cpus=0 if (rc.gpus_per_worker or tp > 1) else rc.cpu_threads,
+                num_gpus=own_gpu,
+                resources={role: ROLE_SHARE} if role else None,
+                max_restarts=rc.max_restarts,
+                max_task_retries=0,
+                max_concurrency=3,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i * tp, placement_group_capture_child_tasks=tp > 1),
+                runtime_env={"env_vars": env},
+            )
+            .remote(cfg, model_dir, f"worker-{i}", redis, registry_name, hub_name)
+        )
+    return pg, workers
+
+
 console = Console(stderr=True, soft_wrap=True)
 
 QUIET = os.environ.get("STALEFLOW_QUIET") == "1"  # tests and CI: no live display
+
+
+def idle_gpus(cfg: Config) -> float:
+    """One line when the run leaves GPUs of the cluster unused (an 8-GPU node running a 4-GPU split)."""
+    rc, lc = cfg.rollout, cfg.learner
+    used = lc.num_processes * lc.gpus + rc.num_workers * (rc.tensor_parallel_size if rc.tensor_parallel_size > 1
+                                                          else rc.gpus_per_worker)
+    idle = ray.cluster_resources().get("GPU", 0) - used
+    if idle >= 1:
+        console.print(f"[yellow]{idle:g} of the cluster's GPUs are idle:[/] raise rollout.num_workers (or "
+                      "learner.num_processes) to use them")
+    return idle
 
 
 def evaluate_on_a_live_worker(workers: list, restarting: set[int], timeout_s: float) -> dict[str, Any]:
@@ -213,10 +238,17 @@ def open_run_dir(cfg: Config, resume: Path | None) -> tuple[Config, Path]:
 
 
 def resolve_model(cfg: Config) -> str:
+    """The model folder as the nodes will open it. A folder of the driver's machine is made absolute; one that is
+    not here must be an absolute path on the cluster's nodes (checked there, where it is loaded: see
+    services/placement.py). "tiny" is built (once, cached) here."""
     if cfg.model.path != "tiny":
-        if not Path(cfg.model.path, "config.json").is_file():
-            raise SystemExit(f"model.path {cfg.model.path}: not a local HF model folder (no config.json)")
-        return str(Path(cfg.model.path).resolve())
+        path = Path(cfg.model.path)
+        if path.is_dir():
+            return str(path.resolve())
+        if not path.is_absolute():
+            raise SystemExit(f"model.path {cfg.model.path}: no such folder here; on a cluster, give the absolute path "
+                             "the learner and rollout nodes have it at")
+        return str(path)
     from rollout_worker.tiny_model import ensure_tiny_model
 
     with console.status("building the tiny CPU model (once; cached)"):
@@ -246,7 +278,7 @@ class Run:
         run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         registry_name, hub_name = f"{REGISTRY_NAME}-{run_id}", f"staleflow-metrics-{run_id}"
         self.registry = start_registry(cfg.weights.keep_versions, namespace=cfg.cluster.namespace, name=registry_name)
-        # The hub serves Prometheus where the driver runs (compose scrapes learner:9400; a user's browser and
+        # The hub serves Prometheus where the driver runs (compose scrapes staleflow:9400; a user's browser and
         # `staleflow dashboard` read the run directory there too).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.hub = (
@@ -256,19 +288,14 @@ class Run:
             .remote(str(run_dir), cfg.metrics)
         )
         self.pg, self.learners = start_learner_ranks(cfg, model_dir, run_dir, redis, self.registry, self.hub)
-        self.workers = [
-            ray.remote(RolloutActor)
-            .options(
-                num_cpus=0 if cfg.rollout.gpus_per_worker else cfg.rollout.cpu_threads,
-                num_gpus=cfg.rollout.gpus_per_worker,
-                max_restarts=cfg.rollout.max_restarts,
-                max_task_retries=0,
-                max_concurrency=3,
-                runtime_env={"env_vars": actor_env(cfg, cfg.rollout.cpu_threads)},
-            )
-            .remote(cfg, model_dir, f"worker-{i}", redis, registry_name, hub_name)
-            for i in range(cfg.rollout.num_workers)
-        ]
+        try:
+            self.rollout_pg, self.workers = start_rollout_workers(cfg, model_dir, redis, registry_name, hub_name)
+        except NotStarted:  # on a cluster nothing of this run may stay behind (a local Ray goes as a whole)
+            for actor in [*self.learners, self.hub, self.registry]:
+                ray.kill(actor, no_restart=True)
+            remove_placement_group(self.pg)
+            raise
+        idle_gpus(cfg)
         # The driver's own view of the buffer: its statistics go to the hub ("buffer" source) every update.
         self.buffer = StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
         self.runs: dict[int, ray.ObjectRef] = {}
@@ -277,6 +304,7 @@ class Run:
         self.died_at: dict[int, float] = {}
         self.evals: list[dict[str, Any]] = []
         self._eval_ref: ray.ObjectRef | None = None
+        self.placement: PlacementLog | None = None  # runs/<name>/placement.json, once the learner is set up
         self._train_refs: list[ray.ObjectRef] | None = None  # the update in flight (one call per rank), if any
 
     def _a_worker_is_built(self) -> None:
@@ -292,10 +320,9 @@ class Run:
     def start(self) -> int:
         rendezvous = _from_learner(self.learners[0].rendezvous.remote()) if len(self.learners) > 1 else None
         version = _from_learners([rank.setup.remote(rendezvous) for rank in self.learners], ranks=self.learners)
-        # Which process is which rank (for py-spy, a kill, a look at one rank's log): Ray's log deduplication can
-        # fold the ranks' own lines into one.
-        pids = ray.get([rank.pid.remote() for rank in self.learners])
-        (self.run_dir / "learners.json").write_text(json.dumps([{"rank": r, "pid": p} for r, p in enumerate(pids)]))
+        tp = self.cfg.rollout.tensor_parallel_size
+        nodes = {"learner": bundle_nodes(self.pg), "rollout": bundle_nodes(self.rollout_pg)[::tp]}
+        self.placement = PlacementLog(self.run_dir, self.learners, self.workers, nodes)  # which process, which node
         if version == 0 and self.cfg.learner.eval_every:
             # The starting point of every curve: the eval at version 0 (the warm start), before any worker
             # generates, so the newest published weights are v0 for sure. A resumed run has it already.
@@ -311,6 +338,8 @@ class Run:
         (ActorUnavailableError): resubmitting run() then would count as another death, so the driver waits
         with a pid() probe."""
         self._probe_restarting()
+        if self.placement is not None:
+            self.placement.refresh()
         watched = [ref for i, ref in self.runs.items() if i not in self.probes]
         done, _ = ray.wait(watched, num_returns=len(watched), timeout=0) if watched else ([], [])
         for i, ref in list(self.runs.items()):
@@ -347,6 +376,7 @@ class Run:
             took = time.monotonic() - self.died_at.pop(i)
             console.print(f"worker-{i} is back (pid {pid}, {took:.0f}s after it died); its loop starts again")
             self.runs[i] = self.workers[i].run.remote()
+            self.placement.moved(i)
 
     def poll_eval(self, version: int, force: bool = False) -> dict[str, Any] | None:
         """Start an eval every eval_every updates on the first worker that is not being restarted; return a
@@ -374,6 +404,7 @@ class Run:
             version = int(stats.get("policy/version", version + 1))
             # The next update is asked for before this one's bookkeeping, so the learner never waits on the driver.
             self._train_refs = refs = self._on_learners("train", 1) if version < total else None
+            self.placement.refresh()
             values = dict(stats)
             buffer_values = buffer_metrics(self.buffer.stats())
             self.hub.log.remote("buffer", version, buffer_values)
@@ -405,6 +436,8 @@ class Run:
             ray.wait(self._train_refs, num_returns=len(self._train_refs), timeout=120)
         if self.runs:
             ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=60)
+        if self.placement is not None:
+            attempt("placement.json", self.placement.refresh)
         if not learner_alive:
             attempt("closing the metrics", lambda: ray.get(self.hub.close.remote(), timeout=30))
             return summary
@@ -442,7 +475,6 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
         model_dir = resolve_model(cfg)
         start_ray(cfg, stack)
         try:
-            check_object_store(cfg, model_dir)
             run = Run(cfg, run_dir, redis, model_dir)
         except NotStarted as exc:  # one line; what it started goes with Ray (local) or with this job (cluster)
             console.print(f"[bold red]error:[/] {exc}")
@@ -486,7 +518,8 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
 def _kill_actors(run: Run) -> None:
     for actor in [*run.learners, *run.workers, run.hub]:
         ray.kill(actor, no_restart=True)
-    remove_placement_group(run.pg)
+    for pg in (run.pg, run.rollout_pg):
+        remove_placement_group(pg)
 
 
 def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict], interrupted: bool) -> None:

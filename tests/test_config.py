@@ -215,3 +215,28 @@ def test_sampling_settings_the_learner_cannot_match_are_refused(override, expect
     assert load_config([], ["rollout.temperature=0.7"]).rollout.temperature == 0.7
     assert load_config([], ["rollout.temperature=0.01"]).rollout.temperature == 0.01
     assert load_config([], ["rollout.temperature=2"]).rollout.temperature == 2
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["rollout.tensor_parallel_size=2"], "gpus_per_worker must be 1"),
+    (["rollout.tensor_parallel_size=2", "rollout.gpus_per_worker=0.5"], "gpus_per_worker must be 1"),
+    (["rollout.tensor_parallel_size=2", "rollout.gpus_per_worker=1"], "placement_strategy PACK or STRICT_PACK"),
+])
+def test_a_tensor_parallel_engine_needs_whole_gpus_on_one_node(overrides, expected):
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config([], overrides)
+    assert "\n" not in str(err.value)
+    ok = load_config([], ["rollout.tensor_parallel_size=4", "rollout.gpus_per_worker=1",
+                          "rollout.placement_strategy=PACK"]).rollout
+    assert ok.tensor_parallel_size == 4
+
+
+def test_role_bundles_carry_the_role_resource_and_tensor_parallel_workers_own_one_gpu_per_process():
+    from services.placement import ROLE_SHARE, learner_bundles, rollout_bundles
+
+    cfg = load_config([], ["learner.num_processes=2", "cluster.learner_resource=learner", "rollout.num_workers=2",
+                           "rollout.tensor_parallel_size=2", "rollout.gpus_per_worker=1",
+                           "rollout.placement_strategy=PACK", "cluster.rollout_resource=rollout"])
+    assert learner_bundles(cfg) == [{"CPU": 1, "learner": ROLE_SHARE}] * 2
+    assert rollout_bundles(cfg) == [{"GPU": 1.0, "rollout": ROLE_SHARE}] * 4  # worker i: bundles 2i, 2i + 1
+    assert rollout_bundles(load_config([], ["rollout.num_workers=3"])) == [{"CPU": 1}] * 3  # no roles: any node

@@ -41,8 +41,9 @@ TWO = ["learner.num_processes=2", "cluster.num_cpus=3"]  # 2 learner ranks + 1 w
 
 
 def ranks(run_dir: Path) -> list[dict]:
-    """The run's learner ranks: [{rank, pid}] (learners.json, written once every rank is set up)."""
-    return json.loads((run_dir / "learners.json").read_text())
+    """The run's learner ranks: [{rank, pid, node_id, ...}] (placement.json, written once every rank is set up)."""
+    rows = json.loads((run_dir / "placement.json").read_text())
+    return [{"rank": r["index"], **r} for r in rows if r["role"] == "learner"]
 
 
 def consolidated(checkpoints: Path, version: int) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ def resolved(tmp_path_factory) -> dict:
 
 def test_compose_file_validates_and_has_every_service(resolved):
     assert set(resolved["services"]) == {
-        "redis", "ray-head", "learner", "rollout", "prometheus", "grafana", "dashboard"
+        "redis", "ray-head", "staleflow", "prometheus", "grafana", "dashboard"
     }
 
 
@@ -170,7 +170,7 @@ def test_prometheus_and_grafana_point_at_the_compose_services(resolved):
     prom = yaml.safe_load(mounts["prometheus"]["/etc/prometheus/prometheus.yml"].read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     learner_args = learner_train_args(resolved)
-    assert "metrics.prometheus_port=9400" in learner_args and "learner:9400" in targets
+    assert "metrics.prometheus_port=9400" in learner_args and "staleflow:9400" in targets
     datasources = mounts["grafana"]["/etc/grafana/provisioning/datasources"]
     urls = {d["url"] for f in datasources.glob("*.y*ml") for d in yaml.safe_load(f.read_text())["datasources"]}
     assert "http://prometheus:9090" in urls
@@ -182,8 +182,8 @@ def test_prometheus_and_grafana_point_at_the_compose_services(resolved):
 def test_only_the_secrets_consumers_see_them(resolved):
     for name, svc in resolved["services"].items():
         env = svc.get("environment") or {}
-        assert ("STALEFLOW_REDIS_PASSWORD" in env) == (name in {"redis", "learner"}), name
-        assert ("RAY_AUTH_TOKEN" in env) == (name in {"ray-head", "learner", "rollout"}), name
+        assert ("STALEFLOW_REDIS_PASSWORD" in env) == (name in {"redis", "staleflow"}), name
+        assert ("RAY_AUTH_TOKEN" in env) == (name in {"ray-head", "staleflow"}), name
         if "RAY_AUTH_TOKEN" in env:
             assert env["RAY_AUTH_MODE"] == "token"
 
@@ -195,7 +195,7 @@ def test_services_wait_for_healthy_dependencies(resolved):
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert "healthcheck" in services[dep], f"{name} waits on {dep}, which has no healthcheck"
             assert cond["condition"] == "service_healthy"
-    assert set(services["learner"]["depends_on"]) == {"redis", "ray-head", "rollout"}
+    assert set(services["staleflow"]["depends_on"]) == {"redis", "ray-head"}
 
 
 # ----------------------------------------------------------------------------------------- compose: behaviour
@@ -274,7 +274,7 @@ def test_the_dashboard_command_serves_what_its_healthcheck_asks_for(resolved, tm
 
 
 def learner_train_args(resolved) -> list[str]:
-    script = resolved["services"]["learner"]["command"][-1]
+    script = resolved["services"]["staleflow"]["command"][-1]
     words = shlex.split(script)
     start = words.index("train", words.index("staleflow")) + 1
     return words[start:]
@@ -288,22 +288,56 @@ def test_the_learner_runs_a_valid_config_against_the_compose_services(resolved):
     assert cfg.cluster.address == "ray-head:6379"
     assert cfg.buffer.redis_url == "redis://redis:6379/0"
     assert cfg.metrics.host == "0.0.0.0" and cfg.metrics.prometheus_port == 9400
-    assert cfg.buffer.password_env in resolved["services"]["learner"]["environment"]
-    # The learner's healthcheck and published port are the metrics port the driver was told to use.
-    assert str(cfg.metrics.prometheus_port) in " ".join(resolved["services"]["learner"]["healthcheck"]["test"])
-    # GPUs: the learner and rollout nodes see disjoint device sets, each large enough for the config.
-    env = {n: resolved["services"][n]["environment"] for n in ("learner", "rollout")}
-    learner_gpus = env["learner"]["CUDA_VISIBLE_DEVICES"].split(",")
-    rollout_gpus = env["rollout"]["CUDA_VISIBLE_DEVICES"].split(",")
-    assert not set(learner_gpus) & set(rollout_gpus)
-    assert len(learner_gpus) >= cfg.learner.num_processes * cfg.learner.gpus
-    assert len(rollout_gpus) >= cfg.rollout.num_workers * cfg.rollout.gpus_per_worker
+    assert cfg.buffer.password_env in resolved["services"]["staleflow"]["environment"]
+    # The healthcheck and published port are the metrics port the driver was told to use.
+    assert str(cfg.metrics.prometheus_port) in " ".join(resolved["services"]["staleflow"]["healthcheck"]["test"])
+
+
+def gpu_split(resolved) -> tuple[list[str], int]:
+    """(the GPUs the one GPU node gets, the GPUs its config asks for)."""
+    svc = resolved["services"]["staleflow"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1 and devices[0]["capabilities"] == ["gpu"] and "count" not in devices[0]
+    gpus = ",".join(devices[0]["device_ids"]).split(",")
+    args = learner_train_args(resolved)
+    cfg = load_config([ROOT / a for a in args if "=" not in a], [a for a in args if "=" in a])
+    asked = cfg.learner.num_processes * cfg.learner.gpus + cfg.rollout.num_workers * cfg.rollout.gpus_per_worker
+    return gpus, asked
+
+
+@pytest.mark.parametrize(("config", "changes"), [
+    ("configs/qwen2.5-math-1.5b.yaml", {}),  # .env.example as shipped: 1 learner + 7 engines
+    ("configs/qwen2.5-math-7b.yaml", {"LEARNER_RANKS": "4", "ROLLOUT_WORKERS": "4"}),
+])
+def test_one_gpu_node_holds_every_gpu_and_the_config_uses_them_all(tmp_path, config, changes):
+    """One Ray node per host (learner and engines share its object store: no copy of each version across the
+    Docker bridge), with the host's GPUs by device id; Ray hands each GPU to one process, so the split cannot
+    overlap; the default split uses all of them. Ray counts what Docker gives it: no CUDA_VISIBLE_DEVICES."""
+    proc = run_compose(COMPOSE_FILE, write_env(tmp_path / ".env", STALEFLOW_CONFIG=config, **changes),
+                       "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    gpus, asked = gpu_split(resolved)
+    assert len(gpus) == len(set(gpus)) == 8 and asked == 8, (gpus, asked)
+    svc = resolved["services"]["staleflow"]
+    assert "CUDA_VISIBLE_DEVICES" not in svc["environment"]
+    # NCCL between the learner's ranks: pinned buffers unlimited, shared memory large, failures explained.
+    assert svc["ulimits"]["memlock"] == {"soft": -1, "hard": -1} and int(svc["shm_size"]) >= 2**30
+    assert svc["environment"]["NCCL_DEBUG"] == "WARN"
+
+
+def test_the_gpu_list_comes_from_env(tmp_path):
+    proc = run_compose(COMPOSE_FILE, write_env(tmp_path / ".env", GPUS="2,3", LEARNER_RANKS="1",
+                                               ROLLOUT_WORKERS="1"), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    gpus, asked = gpu_split(json.loads(proc.stdout))
+    assert gpus == ["2", "3"] and asked == 2
 
 
 def test_ray_nodes_share_runs_and_cache_and_have_a_large_shm(resolved):
-    for name in ("ray-head", "learner", "rollout", "dashboard"):
+    for name in ("ray-head", "staleflow", "dashboard"):
         assert resolved["services"][name]["init"] is True, f"{name}: PID 1 must reap Ray's daemons"
-    for name in ("ray-head", "learner", "rollout"):
+    for name in ("ray-head", "staleflow"):
         svc = resolved["services"][name]
         targets = {v["target"]: v for v in svc["volumes"]}
         assert targets["/opt/staleflow/runs"]["source"] == "runs"

@@ -151,6 +151,42 @@ def test_weight_update_gives_exactly_the_new_weights_greedy_tokens(engine, hf_a,
     assert engine.version == 7 and all(g[0].versions == [7] * len(g[0].token_ids) for g in out)
 
 
+def test_published_weights_travel_as_references_and_each_engine_process_pulls_them(engine, hf_a, hf_b, prompts,
+                                                                                   monkeypatch):
+    """The worker's path: a version published through the object store reaches the engine's processes as its
+    bucket references (WeightRefs), never as a generator (which cannot reach tensor-parallel processes), and the
+    process that loads pulls the buckets itself. At TP = 1 that process is this one; the greedy tokens after the
+    load are transformers' under the published weights."""
+    import ray
+
+    from learner.publisher import WeightPublisher
+    from rollout_worker.weights import WeightRefs, WeightsError, WeightsFetcher
+    from services.registry import start_registry
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, namespace="engine-refs", logging_level="ERROR")
+    try:
+        registry = start_registry(2, namespace="engine-refs", name="engine-refs")
+        WeightPublisher(registry, bucket_mb=1).publish(hf_b, 9)  # several buckets: the prefetch path runs too
+        load(engine, hf_a, 0)
+        sent = []
+        rpc = engine.llm.collective_rpc
+        monkeypatch.setattr(engine.llm, "collective_rpc", lambda method, args=(), **kw: (
+            sent.append((method, type(args[0]))), rpc(method, args=args, **kw))[1])
+        fetched = WeightsFetcher(registry).fetch(9)
+        assert len(fetched.manifest.buckets) > 1
+        engine.update_weights(fetched, 9)
+        assert sent == [("staleflow_load_refs", WeightRefs)]
+        with pytest.raises(WeightsError, match="already handed out"):
+            fetched.refs()
+        assert vllm_greedy(engine, prompts, 8) == [hf_greedy(hf_b, p, 8) for p in prompts]
+        assert engine.version == 9
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def test_prefix_cache_is_dropped_on_update(engine, hf_a, hf_b):
     """A long prompt's KV blocks cached under the old weights must not serve the new ones."""
     long = engine.tokenize([LONG])

@@ -96,11 +96,11 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_prometheus_config_scrapes_the_learner_hub() -> None:
+def test_prometheus_config_scrapes_the_runs_metrics_hub() -> None:
     cfg = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     (job,) = cfg["scrape_configs"]
     assert job["job_name"] == "staleflow"
-    assert job["static_configs"][0]["targets"] == ["learner:9400"]
+    assert job["static_configs"][0]["targets"] == ["staleflow:9400"]  # the compose service running the driver
     promtool = require_binary("promtool", "prometheus")
     check = subprocess.run([promtool, "check", "config", str(ROOT / "deploy/prometheus/prometheus.yml")],
                            capture_output=True, text=True, timeout=300)

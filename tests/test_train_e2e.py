@@ -1,18 +1,15 @@
 """`staleflow train` end to end through the real services (embedded redis-server, a local Ray, a vLLM CPU
-rollout worker, a DeepSpeed learner, the weight registry, the metrics hub), then `ray job submit` against a
-real `ray start --head`. Each run is a few updates; each test checks what a user would look at afterwards."""
+rollout worker, a DeepSpeed learner, the weight registry, the metrics hub). Each run is a few updates; each test
+checks what a user would look at afterwards. `ray job submit` against a cluster of three nodes:
+tests/test_cluster.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -146,70 +143,6 @@ def test_train_end_to_end(tmp_path):
     assert "constructor arguments in the object store" not in out.stdout + out.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit(tmp_path):
-    """`ray job submit -- staleflow train` against a real head: the launcher joins that cluster."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    gcs_port, dash_port = free_port(), free_port()
-    while 10002 <= gcs_port <= 19999:  # Ray's worker port range
-        gcs_port = free_port()
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",  # token auth is on by default; this test cluster is loopback-only
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind and advertise 127.0.0.1 only
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{ray_bin.parent}:{os.environ['PATH']}",
-    }
-    # Short: Ray's unix sockets live below it and AF_UNIX paths are limited to 107 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="sfray-", dir="/tmp")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dash_port}"
-        deadline = time.time() + 120
-        while True:  # the job server answers once the dashboard is up
-            ok = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                                capture_output=True, timeout=60).returncode == 0
-            if ok:
-                break
-            assert time.time() < deadline, "the Ray head did not come up"
-            time.sleep(2)
-        runs = tmp_path / "runs"
-        agent_deadline = time.monotonic() + 900  # a loaded machine starts the head's job agent slowly
-        while True:  # the head answers `job list` before its job agent takes a submission
-            job = subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                 sys.executable, "-m", "services.cli", "train", *SHORT, "learner.total_steps=2",
-                 f"runs_dir={runs}", "name=job", f"model.tiny_dir={REPO / '.cache/staleflow/tiny-model'}"],
-                env={**env, "STALEFLOW_QUIET": "1"}, capture_output=True, text=True, timeout=600,
-            )
-            if "No available agent to submit job" not in job.stderr:
-                break
-            logs = sorted(Path(ray_tmp).glob("session_latest/logs/dashboard_agent*"))
-            assert time.monotonic() < agent_deadline, "the head's job agent never took the job: " + " | ".join(
-                p.read_text(errors="ignore")[-1500:] for p in logs)
-            time.sleep(2)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
-        check_run_dir(runs / "job", updates=2)
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its cluster on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 def test_weight_versions_that_cannot_fit_the_object_store_are_refused_before_anything_starts(tmp_path):
     """100,001 versions of the tiny model (~2.4 MB each) cannot fit a local object store: one error line naming
     the setting, exit 1, no traceback, no update made, nothing left running."""
@@ -220,4 +153,17 @@ def test_weight_versions_that_cannot_fit_the_object_store_are_refused_before_any
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "weights.keep_versions" in errors[0] and "object store" in errors[0], text[-4000:]
     assert "Traceback" not in text and not (tmp_path / "store" / "ledger.jsonl").exists()
+    assert not left_behind, left_behind
+
+
+def test_a_model_folder_missing_where_it_is_loaded_is_one_line_naming_the_node(tmp_path):
+    """model.path is checked on the nodes that load it (here the one local node), before anything starts."""
+    out, left_behind, _ = staleflow_tracked(["train", *SHORT, "model.path=/nonexistent/model",
+                                             f"runs_dir={tmp_path}", "name=nomodel"])
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text[-4000:]
+    assert "/nonexistent/model" in errors[0] and "on node" in errors[0] and "where the learner loads it" in errors[0]
+    assert "Traceback" not in text and not (tmp_path / "nomodel" / "ledger.jsonl").exists()
     assert not left_behind, left_behind

@@ -131,17 +131,20 @@ def test_the_mismatch_is_measured_only_on_fresh_tokens_and_absent_without_them(l
     acc = _Accumulator("cpu")
     no_loss = {"masked_fraction": 0.0, "masked_fraction_pos": 0.0, "masked_fraction_neg": 0.0}
     tokens = 0
-    for mb in micro_batches(rows, 10**6, learner_version):
+    for i, mb in enumerate(micro_batches(rows, 10**6, learner_version)):
         logp = mb.behaviour_logp + 0.01 * mb.mask  # the trainer's log-probs, 0.01 away from the engine's
+        if i == 0:
+            logp[tuple(mb.mask.nonzero()[0].tolist())] -= 0.05  # one token 0.04 the other way: the max is its 0.04
         acc.add_micro_batch(mb, logp, torch.zeros_like(logp), 0.0, no_loss)
         tokens += mb.num_tokens
     stats = acc.reduce()
     if learner_version == 0:
-        assert stats["mismatch/tokens"] == tokens > 0
-        assert stats["mismatch/abs_logp_diff"] == pytest.approx(0.01, rel=1e-4)
+        assert stats["mismatch/tokens"] == tokens > 1
+        assert stats["mismatch/abs_logp_diff"] == pytest.approx((0.01 * (tokens - 1) + 0.04) / tokens, rel=1e-4)
+        assert stats["mismatch/max_abs_logp_diff"] == pytest.approx(0.04, rel=1e-4)
     else:
         assert stats["mismatch/tokens"] == 0
-        assert "mismatch/abs_logp_diff" not in stats
+        assert "mismatch/abs_logp_diff" not in stats and "mismatch/max_abs_logp_diff" not in stats
 
 
 def test_deepspeed_adamw_builds_past_the_lock_files_of_killed_builds(tmp_path):

@@ -204,7 +204,7 @@ def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
     manifest = WeightsManifest(3, [[]], 0, "float32")
     ray.get(registry.register.remote(manifest, [pending]), timeout=120)
     fetched = WeightsFetcher(registry, timeout_s=120).fetch()  # the registry answers (however slowly)...
-    fetched._timeout_s = 0.5  # ...while the bucket never comes: only that wait is short, and it must time out
+    fetched._refs.timeout_s = 0.5  # ...while the bucket never comes: only that wait is short, and it must time out
     with pytest.raises(WeightsTimeout, match=r"version 3, bucket 1/1: not available within 0.5s"):
         list(fetched.tensors())
     ray.cancel(pending, force=True)
