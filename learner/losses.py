@@ -76,54 +76,85 @@ def _surrogate(b: _Batch, clipped: Tensor, low: Tensor | float, high: Tensor | f
 
 
 # ---------------------------------------------------------------------------------------------- M2PO
+TOKEN_ID_STRIDE = 1 << 20  # a token's id: its row's index in the optimizer batch x this + its response position
+
+
+def token_ids(row_indices: Tensor | list[int], length: int) -> Tensor:
+    """[B, T] int64: each token's id in the optimizer batch, (global row index, position) in one number: the
+    order in which M2PO's selection breaks ties, the same whatever the micro-batch or rank split."""
+    rows = torch.as_tensor(row_indices, dtype=torch.int64)
+    return rows[:, None] * TOKEN_ID_STRIDE + torch.arange(length, dtype=torch.int64)[None, :]
+
+
 @torch.no_grad()
-def m2po_threshold(sq_logr: Tensor, tau: float) -> Tensor:
+def m2po_threshold(sq_logr: Tensor, tau: float, ids: Tensor | None = None) -> Tensor:
     """Drop threshold of M2PO's selection (arXiv:2510.01161, Algorithm 1) over a set of tokens.
 
     sq_logr: [N] the (log r)^2 of ALL trust-region tokens of the optimizer batch (gathered across
-    micro-batches and ranks; +inf entries count as dropped, so padding with +inf is harmless).
-    Returns a 0-d float64 tensor: every trust-region token with (log r)^2 >= it is masked; +inf when
-    nothing is. Sort ascending, keep the longest prefix whose mean is <= tau; the threshold is the value
-    of the first dropped element, so ties are all kept or all dropped (order- and split-independent)
-    and the kept mean stays <= tau. Sort + cumsum, no per-token loop, no device sync.
+    micro-batches and ranks; +inf entries count as dropped, so padding with +inf is harmless). ids: [N] their
+    token ids (`token_ids`; default: their order here).
+    Algorithm 1 removes the token of largest (log r)^2, one at a time, until the M2 of the rest is <= tau. Equal
+    values are removed in a fixed order, the larger id first (global row, then position), so the kept set is
+    always a prefix of the tokens sorted by ((log r)^2, id): the longest prefix whose mean is <= tau (prefix
+    means of an ascending sort never decrease). Returns [2] float64, (value, id) of the first dropped token: a
+    token is dropped iff ((log r)^2, id) >= it (`m2po_dropped`); (+inf, +inf) when nothing is. Split-independent:
+    the ids, not the order tokens arrive in, break ties. Sorts + cumsum, no per-token loop, no device sync.
     """
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    values = torch.sort(sq_logr.detach().reshape(-1).double()).values  # [N]
+    values = sq_logr.detach().reshape(-1).double()  # [N]
     n = values.numel()
-    inf = torch.tensor(math.inf, dtype=torch.float64, device=values.device)
+    inf = torch.full((2,), math.inf, dtype=torch.float64, device=values.device)
     if n == 0:
         return inf
+    ids = torch.arange(n, device=values.device) if ids is None else ids.reshape(-1).to(values.device)
+    order = torch.argsort(ids, stable=True)
+    order = order[torch.argsort(values[order], stable=True)]  # by value, then id
+    values, ids = values[order], ids[order].double()  # ids < 2^53: exact in float64
     counts = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
     within = values.cumsum(0) / counts <= tau  # [N] prefix mean <= tau
     keep = within.long().cumprod(0).sum()  # leading run: robust if rounding breaks monotonicity
-    return torch.where(keep < n, values[keep.clamp(max=n - 1)], inf)
+    cut = keep.clamp(max=n - 1)
+    return torch.where(keep < n, torch.stack([values[cut], ids[cut]]), inf)
+
+
+def m2po_dropped(sq_logr: Tensor, ids: Tensor, threshold: Tensor) -> Tensor:
+    """bool, the shape of sq_logr: ((log r)^2, id) >= (threshold value, threshold id), lexicographically."""
+    value, first_id = threshold[0], threshold[1]
+    sq = sq_logr.double()
+    return (sq > value) | ((sq == value) & (ids.double() >= first_id))
 
 
 @torch.no_grad()
 def m2po_trust_region_values(
-    logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, mask: Tensor
-) -> Tensor:
-    """[N] the (log r)^2 of the trust-region tokens (no grad), for the trainer to gather across the batch."""
+    logp: Tensor, behaviour_logp: Tensor, advantages: Tensor, mask: Tensor, ids: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """([N] the (log r)^2 of the trust-region tokens, [N] their ids), no grad, for the trainer to gather across the
+    batch. ids: [B, T] (`token_ids`; default: row-major positions of this call)."""
     b = _prepare(logp, behaviour_logp, advantages, mask)
-    return b.raw_log_r.square()[_trust_region(b)]
+    region = _trust_region(b)
+    if ids is None:
+        ids = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
+    return b.raw_log_r.square()[region], ids.to(mask.device)[region]
 
 
-def _m2po(b: _Batch, tau: float = 0.04, threshold: float | Tensor | None = None) -> _Out:
+def _m2po(b: _Batch, tau: float = 0.04, threshold: Tensor | None = None, token_ids: Tensor | None = None) -> _Out:
     """M2PO as the paper states it (arXiv:2510.01161, Algorithm 1 and Eq. 5).
 
     J = (1 / #valid) sum_i M_i r_i A_i, r unclipped, M_i = 0 for the trust-region tokens dropped by the
     second-moment selection (see m2po_threshold), the denominator counting ALL valid tokens. `threshold`
-    (from m2po_threshold over the whole optimizer batch) replaces the local selection so the update does
-    not depend on the micro-batch/rank split.
+    (from m2po_threshold over the whole optimizer batch, with `token_ids` [B, T] the ids it was chosen with)
+    replaces the local selection so the update does not depend on the micro-batch/rank split.
     """
     sq = b.raw_log_r.square()  # [B, T]
     region = _trust_region(b)
-    inf = torch.tensor(math.inf, dtype=sq.dtype, device=sq.device)
+    if token_ids is None:
+        token_ids = torch.arange(sq.numel(), device=sq.device).reshape(sq.shape)
+    token_ids = token_ids.to(sq.device)
     if threshold is None:
-        threshold = m2po_threshold(torch.where(region, sq, inf), tau)
+        threshold = m2po_threshold(sq[region], tau, token_ids[region])
     threshold = torch.as_tensor(threshold, dtype=torch.float64, device=sq.device)
-    dropped = region & (sq.double() >= threshold)
+    dropped = region & m2po_dropped(sq, token_ids, threshold)
     kept = region & ~dropped
     per_token = torch.where(dropped, torch.zeros_like(b.ratio), -b.adv * b.ratio)
     n_region = region.sum()
@@ -132,7 +163,7 @@ def _m2po(b: _Batch, tau: float = 0.04, threshold: float | Tensor | None = None)
         "m2_after": sq.where(kept, 0.0).sum() / kept.sum().clamp(min=1),
         "trust_region_fraction": n_region / b.mask.sum().clamp(min=1),
         "tau": torch.tensor(tau, dtype=torch.float64),
-        "threshold": threshold,
+        "threshold": threshold[0],
     }
     return per_token, dropped, extra
 

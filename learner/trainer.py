@@ -27,6 +27,7 @@ from learner.batching import MicroBatch, Row, build_rows, micro_batches, shard_r
 from learner.config import LearnerConfig
 from learner.ds_ops import load_op, optimizer_op, skip_unused_ops
 from learner.head import token_logp
+from learner.losses import token_ids
 
 _STALENESS_HIST_BINS = 16  # staleness/hist: counts for 0..15, the last bin also holds anything staler
 
@@ -180,7 +181,7 @@ class Trainer:
     def step(self, groups: Sequence[TrajectoryGroup]) -> dict[str, float | list]:
         """One optimizer update over `groups` (the same global list on every rank). Returns the step metrics."""
         from learner.advantages import grpo_advantages
-        from learner.losses import loss_defaults, m2po_threshold, m2po_trust_region_values, policy_loss
+        from learner.losses import loss_defaults, policy_loss
 
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -203,9 +204,7 @@ class Trainer:
                 # ratio, so the threshold comes from it (no extra no-grad forward: ~20% of a small step).
                 first = self._response_logp(mbs[0], with_entropy=True)
             threshold, m2_stats = self._global_m2po_threshold(
-                mbs, tau, m2po_trust_region_values, m2po_threshold, int(denominator),
-                logps=None if first is None else [first[0].detach()],
-            )
+                mbs, tau, int(denominator), logps=None if first is None else [first[0].detach()])
             params["threshold"] = threshold
             stats.update(m2_stats)
 
@@ -219,6 +218,8 @@ class Trainer:
             blogp = mb.behaviour_logp.to(self.device)
             adv = mb.advantages.to(self.device)
             mask = mb.mask.to(self.device)
+            if cfg.loss == "m2po":  # the ids its threshold was chosen with: ties fall the same way in every split
+                params["token_ids"] = token_ids(mb.row_indices, mask.shape[1])
             loss, loss_stats = policy_loss(cfg.loss, logp, blogp, adv, mask, denominator=denominator, **params)
             # x world: DeepSpeed averages over ranks; the per-rank sums must add up to the whole-batch loss.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -240,32 +241,36 @@ class Trainer:
         return stats
 
     @torch.no_grad()
-    def _global_m2po_threshold(self, mbs, tau, values_fn, threshold_fn, total_tokens, logps=None
-                               ) -> tuple[torch.Tensor, dict]:
+    def _global_m2po_threshold(self, mbs, tau, total_tokens, logps=None) -> tuple[torch.Tensor, dict]:
+        from learner.losses import m2po_dropped, m2po_threshold, m2po_trust_region_values
+
         # Same micro-batches, same (train) mode as the grad pass: each token's (log r)^2 is recomputed
         # bit-identically there, so the loss masks exactly the tokens selected here. `logps`: the micro-batches'
         # log-probs when the caller already has them (from the grad pass's forward itself).
         if logps is None:
             logps = [self._response_logp(mb, with_entropy=False)[0] for mb in mbs]
         local = [
-            values_fn(
-                logp,
-                mb.behaviour_logp.to(self.device),
-                mb.advantages.to(self.device),
-                mb.mask.to(self.device),
-            ).float()
+            m2po_trust_region_values(logp, mb.behaviour_logp.to(self.device), mb.advantages.to(self.device),
+                                     mb.mask.to(self.device), token_ids(mb.row_indices, mb.mask.shape[1]))
             for logp, mb in zip(logps, mbs)
         ]
-        values = all_gather_variable(torch.cat(local) if local else torch.zeros(0, device=self.device))
-        threshold = threshold_fn(values, tau).to(self.device)
-        kept = values[values < threshold]  # the loss drops (log r)^2 >= threshold
+        empty = torch.zeros(0, device=self.device)
+        values = all_gather_variable(torch.cat([v.float() for v, _ in local]) if local else empty)
+        ids = all_gather_variable(torch.cat([i for _, i in local]).to(self.device) if local
+                                  else empty.long())
+        threshold = m2po_threshold(values, tau, ids).to(self.device)
+        dropped = m2po_dropped(values, ids, threshold)
+        kept = values[~dropped]
+        # A tie at the threshold split by the ids (Algorithm 1 drops equal values one at a time).
+        at = values.double() == threshold[0]
         stats = {
             "m2po/tau": tau,
-            "m2po/threshold": float(threshold),
+            "m2po/threshold": float(threshold[0]),
             "m2po/trust_region_tokens": float(values.numel()),
             "m2po/m2_before": float(values.mean()) if values.numel() else 0.0,
             "m2po/m2_after": float(kept.mean()) if kept.numel() else 0.0,
             "m2po/trust_region_fraction": float(values.numel()) / max(1, total_tokens),
+            "m2po/tie_split": float(bool((at & dropped).any() and (at & ~dropped).any())),
         }
         return threshold, stats
 

@@ -118,7 +118,7 @@ def reference_step(model_dir: str, out: str) -> None:
 
     from learner.advantages import grpo_advantages
     from learner.batching import build_rows
-    from learner.losses import m2po_threshold, m2po_trust_region_values, policy_loss
+    from learner.losses import m2po_threshold, m2po_trust_region_values, policy_loss, token_ids
 
     cfg = learner_config(10**6)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -132,14 +132,17 @@ def reference_step(model_dir: str, out: str) -> None:
         blogp = torch.from_numpy(r.behaviour_logp.copy())[None]
         return logp, blogp, torch.full((1, t), r.advantage), torch.ones(1, t, dtype=torch.bool)
 
+    def ids(r):  # each token's id in the batch: ties at the threshold fall as in the trainer
+        return token_ids([r.index], len(r.response_ids))
+
     with torch.no_grad():
-        values = torch.cat([m2po_trust_region_values(*tensors(r)) for r in rows])
-    threshold = m2po_threshold(values, 0.04)
+        pieces = [m2po_trust_region_values(*tensors(r), ids(r)) for r in rows]
+    threshold = m2po_threshold(torch.cat([v for v, _ in pieces]), 0.04, torch.cat([i for _, i in pieces]))
     total = sum(len(r.response_ids) for r in rows)
     loss = 0.0
     masked = 0.0
     for r in rows:
-        piece, st = policy_loss("m2po", *tensors(r), threshold=threshold, denominator=total)
+        piece, st = policy_loss("m2po", *tensors(r), threshold=threshold, token_ids=ids(r), denominator=total)
         loss = loss + piece
         masked += st["masked_fraction"] * len(r.response_ids)
     loss.backward()

@@ -13,9 +13,11 @@ from learner.losses import (
     LOG_RATIO_CLAMP,
     LOSS_NAMES,
     loss_defaults,
+    m2po_dropped,
     m2po_threshold,
     m2po_trust_region_values,
     policy_loss,
+    token_ids,
 )
 
 PROPS = settings(max_examples=30, deadline=None)
@@ -82,26 +84,40 @@ def test_m2po_negative_advantage_only_masks_r_below_one():
     assert stats["masked_fraction_neg"] == pytest.approx(0.5) and stats["m2_after"] == 0
 
 
-def test_m2po_ties_are_kept_or_dropped_together_whatever_the_order():
-    # (log r)^2 = .01, v, v with v = .05: prefix means .01, .03 (<= .031), .0367 -> the longest prefix
-    # has 2 tokens, but the 2nd and 3rd tie: both are dropped, whatever their order or row.
+def test_m2po_ties_are_dropped_one_at_a_time_the_later_token_first():
+    # (log r)^2 = .01, v, v with v = .05: prefix means .01, .03 (<= .031), .0367 -> keep 2. Algorithm 1 removes
+    # ONE of the tied v tokens (that leaves .03 <= tau): the later one (row, then position), in any order.
     v = math.sqrt(0.05)
-    for order in ([0.1, v, v], [v, 0.1, v], [v, v, 0.1]):
+    for order, dropped in (([0.1, v, v], 2), ([v, 0.1, v], 2), ([v, v, 0.1], 1)):
         logp = _leaf([order])
         _, _, grad = _run("m2po", logp, torch.zeros(1, 3), torch.ones(1, 3), torch.ones(1, 3), tau=0.031)
-        assert [g != 0 for g in grad[0].tolist()] == [x == 0.1 for x in order]
-    logp = _leaf([[v], [0.1], [v]])  # the same tokens in three rows
+        assert [g == 0 for g in grad[0].tolist()] == [i == dropped for i in range(3)]
+    logp = _leaf([[v], [0.1], [v]])  # the same tokens in three rows: the last row's goes
     _, _, grad = _run("m2po", logp, torch.zeros(3, 1), torch.ones(3, 1), torch.ones(3, 1), tau=0.031)
-    assert (grad[:, 0] != 0).tolist() == [False, True, False]
+    assert [g == 0 for g in grad[:, 0].tolist()] == [False, False, True]
 
 
 def test_m2po_threshold_function():
-    assert m2po_threshold(torch.tensor([0.01, 0.04, 0.09, 0.25]), 0.04).item() == pytest.approx(0.09)
-    assert m2po_threshold(torch.tensor([0.25, 0.01, 0.09, 0.04]), 0.04).item() == pytest.approx(0.09)
-    assert m2po_threshold(torch.tensor([0.01, 0.02]), 0.04).item() == math.inf  # M2 <= tau: no-op
-    assert m2po_threshold(torch.tensor([0.05]), 0.04).item() == pytest.approx(0.05)  # drops it
-    assert m2po_threshold(torch.empty(0), 0.04).item() == math.inf
-    assert m2po_threshold(torch.tensor([0.01, math.inf, math.inf]), 0.04).item() == math.inf  # +inf padding
+    assert m2po_threshold(torch.tensor([0.01, 0.04, 0.09, 0.25]), 0.04)[0].item() == pytest.approx(0.09)
+    assert m2po_threshold(torch.tensor([0.25, 0.01, 0.09, 0.04]), 0.04)[0].item() == pytest.approx(0.09)
+    assert m2po_threshold(torch.tensor([0.01, 0.02]), 0.04)[0].item() == math.inf  # M2 <= tau: no-op
+    assert m2po_threshold(torch.tensor([0.05]), 0.04)[0].item() == pytest.approx(0.05)  # drops it
+    assert m2po_threshold(torch.empty(0), 0.04)[0].item() == math.inf
+    assert m2po_threshold(torch.tensor([0.01, math.inf, math.inf]), 0.04)[0].item() == math.inf  # +inf padding
+
+
+def test_m2po_drops_tied_values_one_at_a_time_the_larger_id_first():
+    """Algorithm 1 removes one token at a time. [.01, .05, .05, .05] at tau .035: removing one .05 leaves M2
+    .0367 > tau, a second leaves .03: two of the three tied .05s go, the one of smallest id stays (dropping all
+    three, as a value threshold would, masks more than the algorithm)."""
+    values = torch.tensor([0.05, 0.01, 0.05, 0.05], dtype=torch.float64)
+    ids = torch.tensor([7, 3, 2, 9])
+    t = m2po_threshold(values, 0.035, ids)
+    assert t[0].item() == 0.05 and t[1].item() == 7  # the ties in id order: 2 (kept), 7, 9 (dropped)
+    assert m2po_dropped(values, ids, t).tolist() == [True, False, False, True]
+    perm = torch.tensor([2, 0, 3, 1])  # the order they arrive in does not matter, the ids do
+    again = m2po_dropped(values[perm], ids[perm], m2po_threshold(values[perm], 0.035, ids[perm]))
+    assert again.tolist() == m2po_dropped(values, ids, t)[perm].tolist()
 
 
 def test_ppo_clip_hand_case():
@@ -206,9 +222,8 @@ def test_m2po_selection_properties(b, tau):
     if kept.any():
         assert sq[kept].mean() <= tau * (1 + 1e-9)
         assert stats["m2_after"] == pytest.approx(sq[kept].mean().item())
-    if masked.any():  # minimal: restoring the smallest dropped value (and its ties) breaks the budget
-        smallest = sq[masked].min()
-        assert sq[kept | (masked & (sq == smallest))].mean() > tau
+    if masked.any():  # minimal: restoring any ONE dropped token (the smallest) breaks the budget
+        assert torch.cat([sq[kept], sq[masked].min()[None]]).mean() > tau
     assert stats["masked_fraction"] == pytest.approx(masked.sum().item() / max(mask.sum().item(), 1))
     _, ntr_stats, ntr_grad = _run("no_trust_region", logp, blp, adv, mask)
     assert torch.allclose(grad[~masked], ntr_grad[~masked])  # elsewhere the same gradient as plain r*A
@@ -222,16 +237,43 @@ def test_m2po_global_threshold_makes_the_split_irrelevant(b, parts):
     logp, blp, adv, mask = _batch(*b)
     whole, _, whole_grad = _run("m2po", logp, blp, adv, mask)
     rows = torch.arange(logp.shape[0]).tensor_split(parts)
-    values = torch.cat([m2po_trust_region_values(logp[r], blp[r], adv[r], mask[r]) for r in rows])
-    threshold, denominator = m2po_threshold(values, 0.04), float(mask.sum().clamp(min=1))
+    T = logp.shape[1]
+    pieces = [m2po_trust_region_values(logp[r], blp[r], adv[r], mask[r], token_ids(r, T)) for r in rows]
+    values, ids = torch.cat([v for v, _ in pieces]), torch.cat([i for _, i in pieces])
+    threshold, denominator = m2po_threshold(values, 0.04, ids), float(mask.sum().clamp(min=1))
     logp.grad = None
     total = sum(
-        policy_loss("m2po", logp[r], blp[r], adv[r], mask[r], threshold=threshold, denominator=denominator)[0]
+        policy_loss("m2po", logp[r], blp[r], adv[r], mask[r], threshold=threshold, token_ids=token_ids(r, T),
+                    denominator=denominator)[0]
         for r in rows
     )
     total.backward()
     assert total.item() == pytest.approx(whole.item(), abs=1e-12)
     assert torch.allclose(logp.grad, whole_grad, atol=1e-15)
+
+
+def _algorithm_1(values: torch.Tensor, ids: torch.Tensor, tau: float) -> set[int]:
+    """The paper's loop, literally: while M2 > tau, remove the largest (log r)^2 (the larger id of a tie)."""
+    kept = sorted(zip(values.tolist(), ids.tolist()))
+    dropped = set()
+    while kept and sum(v for v, _ in kept) / len(kept) > tau:
+        dropped.add(kept.pop()[1])
+    return dropped
+
+
+@PROPS
+@given(st.integers(0, 2**31 - 1), st.integers(1, 60), st.sampled_from([0.0, 0.01, 0.04, 0.16]), st.integers(1, 4))
+def test_m2po_selection_is_algorithm_1_with_ties_in_any_split(seed, n, tau, parts):
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randint(0, 4, (n,), generator=g) * 0.1).double().square()  # 4 distinct values: many ties
+    ids = torch.randperm(10 * n, generator=g)[:n]
+    expected = _algorithm_1(values, ids, tau)
+    threshold = m2po_threshold(values, tau, ids)
+    assert set(ids[m2po_dropped(values, ids, threshold)].tolist()) == expected
+    # Gathered in another order (another split over ranks / micro-batches): the same threshold, the same tokens.
+    order = torch.cat([p.flip(0) for p in torch.randperm(n, generator=g).tensor_split(parts)])
+    again = m2po_threshold(values[order], tau, ids[order])
+    assert torch.equal(again, threshold)
 
 
 @PROPS
