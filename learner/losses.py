@@ -299,6 +299,7 @@ def policy_loss(
     mask: Tensor,
     *,
     denominator: float | Tensor | None = None,
+    entropy: Tensor | None = None,
     **params: object,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss `name` (see LOSS_NAMES) on [B, T] inputs; returns (0-d loss to minimise, float stats).
@@ -306,6 +307,9 @@ def policy_loss(
     logp: current-policy log-probs of the response tokens (requires grad); behaviour_logp: under the
     policy that generated them; advantages: per token (GRPO broadcasts a sequence's value); mask: bool,
     the valid tokens. denominator: the sum's divisor (default: this call's valid-token count).
+    entropy: [B, T] per-token entropy of the current policy, optional: the stats then include the entropy summed
+    over the tokens the loss masked or clipped ("removed_entropy", the paper's diagnostic: which tokens lose their
+    gradient) and their count ("removed_tokens").
     params: the loss's own, see loss_defaults(name). Any float dtype; computed in >= float32.
     """
     allowed = loss_defaults(name)
@@ -319,6 +323,10 @@ def policy_loss(
     if denominator is None:
         denominator = b.mask.sum().clamp(min=1)
     loss = per_token.sum() / denominator
+    if entropy is not None:
+        gone = removed & b.mask
+        extra = {**extra, "removed_entropy": entropy.detach().double().where(gone, 0.0).sum(),
+                 "removed_tokens": gone.sum()}
     return loss, _stats(b, removed, extra)
 
 

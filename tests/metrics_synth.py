@@ -17,7 +17,7 @@ LEARNER_NAMES = [
     "loss/masked_fraction",
     "loss/clip_fraction", "m2po/m2_before", "m2po/m2_after", "m2po/tau", "ratio/max", "kl/k3", "reward/mean",
     "advantage/zero_groups", "throughput/train_tokens_per_s", "time/step_s", "weights/publish_s",
-    "mismatch/abs_logp_diff", "learner/idle_s",
+    "mismatch/abs_logp_diff", "learner/idle_s", "entropy", "entropy/removed", "ratio/ess_fraction",
 ]
 ROLLOUT_NAMES = [
     "rollout/tokens_per_s", "rollout/version_lag", "rollout/batch_s", "rollout/reward_errors",
@@ -73,6 +73,8 @@ def feed_run(hub: MetricsHub, steps: int = 30, seed: int = 0, start: float | Non
             "throughput/train_tokens_per_s": 9000 + rng.gauss(0, 300),
             "time/step_s": 0.3 + 0.05 * rng.random(), "weights/publish_s": 0.08 + 0.02 * rng.random(),
             "mismatch/abs_logp_diff": 0.002 + 0.0005 * rng.random(), "learner/idle_s": 0.03 * rng.random(),
+            "entropy": 0.9 - 0.01 * step, "entropy/removed": 1.6 + 0.2 * rng.random(),
+            "ratio/ess_fraction": 0.98 - 0.005 * mean,
         })
         if step % 5 == 0:
             accuracy = 0.15 + 0.4 * (1 - math.exp(-step / 15))

@@ -73,6 +73,11 @@ def test_m2po_hand_case():
     assert stats["ratio_max"] == pytest.approx(math.exp(0.5))
     assert stats["kl_k1"] == pytest.approx(-sum(lr) / 5)
     assert stats["kl_k3"] == pytest.approx(sum(math.exp(x) - 1 - x for x in lr) / 5)
+    # With the tokens' entropy: the removed tokens' (the .3 and .5 ones) summed, and their count.
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    _, with_h = policy_loss("m2po", logp, torch.zeros(1, 5), torch.ones(1, 5), torch.ones(1, 5), entropy=entropy)
+    assert with_h["removed_entropy"] == 8.0 and with_h["removed_tokens"] == 2
+    assert "removed_entropy" not in stats
 
 
 def test_m2po_negative_advantage_only_masks_r_below_one():

@@ -38,6 +38,11 @@ PANELS: tuple[Panel, ...] = (
           help="Second moment of the log-ratio; M2PO masks tokens until M2 <= tau."),
     Panel("masked", "Masked / clipped token fraction", ("loss/masked_fraction", "loss/clip_fraction")),
     Panel("ratio", "Importance ratio max", ("ratio/max",), log_y=True),
+    Panel("entropy", "Entropy: masked/clipped tokens vs all", ("entropy", "entropy/removed"), unit="nats",
+          help="Mean entropy of the tokens whose gradient the loss removed, beside all tokens'. Clipping tends "
+               "to remove high-entropy (pivotal) tokens; M2PO few."),
+    Panel("ess", "Effective sample size fraction", ("ratio/ess_fraction",),
+          help="(sum r)^2 / (n sum r^2): 1 when every importance ratio is equal; low when a few tokens dominate."),
     Panel("throughput", "Throughput", ("throughput/train_tokens_per_s", "rollout/tokens_per_s"),
           unit="tokens/s"),
     Panel("idle", "Idle time", ("learner/idle_s", "rollout/idle_s"), unit="s"),
