@@ -15,6 +15,8 @@ class TaskConfig(BaseModel):
     data_path: str | None = Field(None, description="math: a local JSONL or parquet file of prompts/answers.")
     prompt_template: str | None = Field(None, description="Name of a bundled template or a str.format template.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for evaluation.")
+    eval_samples: int = Field(4, ge=0, description="Each eval also samples this many responses per prompt at the "
+                                                   "rollout temperature: avg@k beside greedy (0: greedy only).")
     eval_data_path: str | None = Field(
         None, description="math: a separate local eval file (else eval_size rows of data_path are held out)."
     )

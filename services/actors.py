@@ -182,7 +182,8 @@ class RolloutActor:
         self.worker.stop()
 
     def evaluate(self, load_latest: bool = False) -> dict[str, Any]:
-        """Held-out greedy accuracy of the weights this worker holds (optionally the newest first)."""
+        """Held-out greedy accuracy of the weights this worker holds (optionally the newest first), and avg@k at
+        the rollout temperature (task.eval_samples)."""
         from rollout_worker.evaluate import evaluate
 
         # The worker's engine lock: the rollout loop must not generate while the eval swaps weights (it would
@@ -199,8 +200,15 @@ class RolloutActor:
                                     {"weights/version": latest, "weights/fetch_s": time.perf_counter() - t0}))
             version = self.engine.version
             result = evaluate(self.engine, self.task, n=1, timeout_s=self.cfg.task.reward_timeout_s)
+            values = {"eval/accuracy": result["accuracy"], "eval/version": version}
+            k = self.cfg.task.eval_samples
+            if k:  # what the policy samples, as trained: greedy hides the entropy and tail damage (M2PO paper)
+                sampled = evaluate(self.engine, self.task, n=k, temperature=self.cfg.rollout.temperature,
+                                   timeout_s=self.cfg.task.reward_timeout_s)
+                result.update(avg_at_k=sampled["accuracy"], k=k, sampled_temperature=sampled["temperature"])
+                values["eval/avg_at_k"] = sampled["accuracy"]
         result["version"] = version
-        records.append(("eval", version, {"eval/accuracy": result["accuracy"], "eval/version": version}))
+        records.append(("eval", version, values))
         if self.hub is not None:
             import ray
 

@@ -66,6 +66,7 @@ class CellTimeout(RuntimeError):
 class CellResult:
     cell: Cell
     final_accuracy: float
+    final_avg_at_k: float | None  # sampled avg@k at the rollout temperature (task.eval_samples), if evaluated
     curve: list[tuple[int, float]]  # (update, held-out accuracy), the initial policy included when evaluated
     masked_fraction: float  # tokens the loss masked (m2po) or clipped (ppo_clip), averaged over updates
     m2_before: float | None  # m2po: M2 of the trust-region tokens before masking, averaged over updates
@@ -158,6 +159,7 @@ def summarise(cell: Cell, run_dir: Path, initial: float | None = None) -> CellRe
     return CellResult(
         cell=cell,
         final_accuracy=float(final["accuracy"]),
+        final_avg_at_k=float(final["avg_at_k"]) if "avg_at_k" in final else None,
         curve=curve,
         masked_fraction=_mean([m["loss/masked_fraction"] for m in metrics if "loss/masked_fraction" in m]),
         m2_before=_mean(m2) if m2 else None,
@@ -175,16 +177,17 @@ def _pm(values: list[float], fmt: str = "{:.3f}") -> str:
 def table(results: list[CellResult]) -> str:
     """Markdown: one row per (s, loss); accuracy mean ± std over seeds, the rest averaged over seeds too."""
     rows = [
-        "| s | loss | seeds | final held-out acc | mean held-out acc over training "
+        "| s | loss | seeds | final held-out acc | final avg@k (sampled) | mean held-out acc over training "
         "| masked/clipped token frac | M2 before masking (m2po) | KL k3 | wall min/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r.cell.s, r.cell.loss) for r in results}, key=lambda k: (k[0], k[1]))
     for s, loss in keys:
         rs = [r for r in results if (r.cell.s, r.cell.loss) == (s, loss)]
         m2 = [r.m2_before for r in rs if r.m2_before is not None]
+        sampled = [r.final_avg_at_k for r in rs if r.final_avg_at_k is not None]
         rows.append(
-            f"| {s} | {loss} | {len(rs)} | {_pm([r.final_accuracy for r in rs])} "
+            f"| {s} | {loss} | {len(rs)} | {_pm([r.final_accuracy for r in rs])} | {_pm(sampled) if sampled else '—'} "
             f"| {_pm([r.mean_accuracy for r in rs])} | {_mean([r.masked_fraction for r in rs]):.4f} | {f'{_mean(m2):.2e}' if m2 else '—'} "
             f"| {_mean([r.kl_k3 for r in rs]):.2e} | {_mean([r.wall_s for r in rs]) / 60:.1f} |"
         )

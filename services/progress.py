@@ -23,6 +23,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("version", "policy/version", "{:.0f}"),
     ("reward", "reward/mean", "{:.3f}"),
     ("held-out acc", "eval/accuracy", "{:.3f}"),
+    ("avg@k", "eval/avg_at_k", "{:.3f}"),
     ("stale mean", "staleness/mean", "{:.2f}"),
     ("stale max", "staleness/max", "{:.0f}"),
     ("masked", "loss/masked_fraction", "{:.4f}"),

@@ -328,7 +328,7 @@ class Run:
             # generates, so the newest published weights are v0 for sure. A resumed run has it already.
             self._a_worker_is_built()
             self.evals.append(evaluate_on_a_live_worker(self.workers, set(), timeout_s=600))
-            console.print(f"held-out accuracy at version 0 (the warm start): {self.evals[-1]['accuracy']:.3f}")
+            console.print(f"held-out accuracy at version 0 (the warm start): {_accuracy(self.evals[-1])}")
         self.runs = {i: w.run.remote() for i, w in enumerate(self.workers)}
         return version
 
@@ -412,6 +412,8 @@ class Run:
             ev = self.poll_eval(version)
             if ev is not None:
                 values["eval/accuracy"] = ev["accuracy"]
+                if "avg_at_k" in ev:
+                    values["eval/avg_at_k"] = ev["avg_at_k"]
             display.update(version, values)
         return version
 
@@ -522,6 +524,14 @@ def _kill_actors(run: Run) -> None:
         remove_placement_group(pg)
 
 
+def _accuracy(result: dict[str, Any]) -> str:
+    """'0.812 greedy, 0.655 avg@4 at T=1' (or the greedy figure alone)."""
+    text = f"{result['accuracy']:.3f} greedy"
+    if "avg_at_k" in result:
+        text += f", {result['avg_at_k']:.3f} avg@{result['k']} at T={result['sampled_temperature']:g}"
+    return text
+
+
 def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict], interrupted: bool) -> None:
     console.rule("staleflow train: stopped (resumable)" if interrupted else "staleflow train: done")
     console.print(f"updates: {summary.get('version')}   wall time: {wall_s / 60:.1f} min")
@@ -530,7 +540,7 @@ def _print_summary(run_dir: Path, summary: dict, wall_s: float, evals: list[dict
         console.print(f"held-out accuracy: {curve}")
     if "final_eval" in summary:
         fe = summary['final_eval']
-        console.print(f"final held-out accuracy: [bold]{fe['accuracy']:.3f}[/] (on {fe.get('worker', 'worker-0')})")
+        console.print(f"final held-out accuracy: [bold]{_accuracy(fe)}[/] (on {fe.get('worker', 'worker-0')})")
     if interrupted:
         console.print(f"resume with: staleflow train --resume {run_dir}")
     console.print(f"run directory: [bold]{run_dir}[/]")

@@ -55,13 +55,14 @@ def test_grid_runs_fixed_staleness_and_writes_table_and_plot(grid):
     # Each cell is the run's number under the table's own rounding rule (a tolerance of half a unit in the
     # last place fails on a value that rounds up, e.g. 0.4375 -> "0.438").
     assert cols[3] == f"{final['accuracy']:.3f}"
+    assert final["k"] == 4 and cols[4] == f"{final['avg_at_k']:.3f}"  # sampled avg@4 at the rollout temperature
     results = json.loads((out / "results.json").read_text())
     trained = [acc for step, acc in results[0]["curve"] if step > 0]
-    assert cols[4] == f"{sum(trained) / len(trained):.3f}"
+    assert cols[5] == f"{sum(trained) / len(trained):.3f}"
     masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
-    assert cols[5] == f"{masked:.4f}"
+    assert cols[6] == f"{masked:.4f}"
     m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)
-    assert cols[6] == f"{m2:.2e}"
+    assert cols[7] == f"{m2:.2e}"
 
     assert results[0]["curve"][-1] == [UPDATES, pytest.approx(final["accuracy"])]
     evals = read_jsonl(run_dir / "eval.jsonl")
@@ -88,13 +89,14 @@ def test_finished_cells_are_reused(grid):
 def test_table_mean_and_std_over_seeds():
     def result(seed: int, acc: float, m2: float | None) -> CellResult:
         curve = [(0, 0.1), (10, acc / 2), (20, acc)]  # the initial point is not part of the mean over training
-        return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, curve, 0.1 * (seed + 1),
-                          m2, 0.01, 60.0)
+        return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, acc - 0.1, curve,
+                          0.1 * (seed + 1), m2, 0.01, 60.0)
 
     md = table([result(0, 0.5, None), result(1, 0.7, None), result(0, 0.2, 0.3), result(1, 0.4, 0.5)])
     rows = {r.split("|")[2].strip(): [c.strip() for c in r.strip("|").split("|")] for r in md.splitlines()[2:]}
     assert rows["ppo_clip"][3] == "0.600 ± 0.141"  # stdev of (0.5, 0.7)
-    assert rows["ppo_clip"][4] == "0.450 ± 0.106"  # means over training (0.375, 0.525)
-    assert rows["ppo_clip"][6] == "—"  # M2 is M2PO's own statistic
+    assert rows["ppo_clip"][4] == "0.500 ± 0.141"  # sampled avg@k: (0.4, 0.6)
+    assert rows["ppo_clip"][5] == "0.450 ± 0.106"  # means over training (0.375, 0.525)
+    assert rows["ppo_clip"][7] == "—"  # M2 is M2PO's own statistic
     assert rows["m2po"][3] == "0.300 ± 0.141"
-    assert rows["m2po"][5] == "0.1500" and rows["m2po"][6] == "4.00e-01"
+    assert rows["m2po"][6] == "0.1500" and rows["m2po"][7] == "4.00e-01"

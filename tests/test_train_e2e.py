@@ -122,6 +122,9 @@ def check_run_dir(run_dir: Path, updates: int) -> None:
     assert len(used) == len(set(used)), "an entry was trained on twice"
     evals = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= evals["accuracy"] <= 1.0 and evals["version"] == updates
+    # Beside greedy, avg@k sampled at the rollout temperature (task.eval_samples), in every eval record too.
+    assert evals["k"] == 4 and 0.0 <= evals["avg_at_k"] <= 1.0 and evals["sampled_temperature"] == 1.0
+    assert all("eval/avg_at_k" in e for e in read_jsonl(run_dir / "eval.jsonl"))
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
 
