@@ -66,11 +66,15 @@ def check_placement_and_transfers(cluster: RayCluster, run_dir: Path, before: di
     learner_node = learners[0]["node_id"]
     # Ray's own small objects (well under one version) may sit beside them: [n versions, n + 1 versions).
     assert len(published) * size <= created[learner_node] < (len(published) + 1) * size, (created, len(published))
+    figures = {"version_bytes": size, "learner_node": {"published": len(published), "created": created[learner_node]}}
     for node in {r["node_id"] for r in rollouts}:
         here = [f"worker-{r['index']}" for r in rollouts if r["node_id"] == node]
         versions = set().union(*(loaded[w] for w in here))
+        figures[node[:8]] = {"workers": here, "loads": sum(len(loaded[w]) for w in here), "versions": len(versions),
+                             "created": created[node]}
         assert len(versions) * size <= created[node] < (len(versions) + 1) * size, (
             node, here, dict(loaded), size, created, rows)
+    print("CLUSTER " + json.dumps(figures))  # pytest -s: the figures behind the assertions
     assert any(loaded.values()), "no worker loaded a published version: nothing crossed to a rollout node"
 
 
