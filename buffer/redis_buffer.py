@@ -149,7 +149,7 @@ class StalenessBuffer:
         while True:
             # a fresh nonce per request: redis-py re-sends the same one when it retries after a lost reply
             args = [c.policy, c.max_staleness, c.batch_groups, n_groups, worker_id, uuid.uuid4().hex,
-                    -1 if weights_version is None else int(weights_version)]
+                    -1 if weights_version is None else int(weights_version), c.updates_per_batch]
             granted, slot, req, version = (int(x) for x in self._admit(keys=keys, args=args))
             left = 0.0 if deadline is None else deadline - time.monotonic()
             if granted > 0 or left <= 0:
@@ -339,7 +339,8 @@ class StalenessBuffer:
         dropped: list[tuple[str, str, _Pooled]] = []
         for eid, item in list(self._pool.items()):
             g = item.group
-            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max, g.slot)
+            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max, g.slot,
+                                     c.updates_per_batch)
             if verdict is Verdict.DROP:
                 dropped.append((eid, reason or "dropped", self._pool.pop(eid)))
             elif verdict is Verdict.TAKE and len(taken) < n:

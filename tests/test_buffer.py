@@ -111,6 +111,39 @@ def test_fixed_s0_serves_exactly_what_synchronous_training_would(buffer_factory)
     assert buf.stats().drops == {}
 
 
+def test_the_papers_schedule_m_updates_per_rollout_batch_from_one_version():
+    from buffer.staleness import grantable_slots
+
+    # m = 2, s = 1: updates 0,1 train on v0; 2,3 on max(0, 2 - 1) = 1; 4,5 on 3: staleness 0..m - 1 + s.
+    assert [required_version(k, 1, 2) for k in range(6)] == [0, 0, 1, 1, 3, 3]
+    assert [required_version(k, 0, 4) for k in range(8)] == [0, 0, 0, 0, 4, 4, 4, 4]  # the paper's "s = 0"
+    assert [required_version(k, 3, 1) for k in range(5)] == [0, 0, 0, 0, 1]  # m = 1: max(0, V - s)
+    # grantable: the slots whose version is published, i.e. r(k) <= V
+    for s, m in ((0, 1), (2, 1), (1, 2), (0, 4), (5, 3)):
+        for v in range(12):
+            window = grantable_slots(v, s, m)
+            assert all(required_version(k, s, m) <= v for k in window)
+            assert required_version(window.stop, s, m) > v, (s, m, v)
+
+
+def test_fixed_with_two_updates_per_batch_through_redis(buffer_factory):
+    """The Lua admission and the learner's take/hold rule agree with required_version(k, s, m): each update V
+    trains on B groups of version max(0, 2 * floor(V / 2) - 1), exactly, and nothing is dropped."""
+    s, m, batch = 1, 2, 2
+    buf = buffer_factory(policy="fixed", max_staleness=s, batch_groups=batch, capacity_groups=32, updates_per_batch=m)
+    for version in range(8):
+        buf.set_version(version)
+        while (adm := buf.admit("w", batch)).granted:
+            assert adm.required_version == required_version(adm.slot, s, m) <= version
+            for i in range(adm.granted):
+                buf.push(make_group(adm.required_version, slot=adm.slot, seed=100 * adm.slot + i), "w")
+        got = buf.pull(batch, block_ms=300)
+        assert len(got) == batch
+        assert {e.group.version_min for e in got} == {max(0, m * (version // m) - s)}
+        buf.ack([e.id for e in got])
+    assert buf.stats().drops == {}
+
+
 def test_fixed_s2_trains_each_update_on_version_v_minus_2(buffer_factory):
     s, batch = 2, 2
     buf = buffer_factory(policy="fixed", max_staleness=s, batch_groups=batch, capacity_groups=32)

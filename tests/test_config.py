@@ -240,3 +240,17 @@ def test_role_bundles_carry_the_role_resource_and_tensor_parallel_workers_own_on
     assert learner_bundles(cfg) == [{"CPU": 1, "learner": ROLE_SHARE}] * 2
     assert rollout_bundles(cfg) == [{"GPU": 1.0, "rollout": ROLE_SHARE}] * 4  # worker i: bundles 2i, 2i + 1
     assert rollout_bundles(load_config([], ["rollout.num_workers=3"])) == [{"CPU": 1}] * 3  # no roles: any node
+
+
+def test_updates_per_batch_is_the_fixed_policys_schedule():
+    with pytest.raises(ConfigError, match="updates_per_batch=4 is the fixed policy's schedule") as err:
+        load_config([], ["buffer.updates_per_batch=4"])  # bounded (the default) has no rollout batch to split
+    assert "\n" not in str(err.value)
+    cfg = load_config([], ["buffer.policy=fixed", "buffer.max_staleness=8", "buffer.updates_per_batch=4",
+                           "buffer.capacity_groups=256"])
+    from services.train import run_cfg
+
+    # Workers generate with versions down to 4 * floor(V / 4) - 8: the registry keeps s + m + 1 of them.
+    assert run_cfg(cfg.model_copy(update={"name": "x"})).weights.keep_versions == 8 + 4 + 1
+    with pytest.raises(ConfigError, match=r"below \(max_staleness \+ updates_per_batch\) \* batch_groups"):
+        load_config([], ["buffer.policy=fixed", "buffer.max_staleness=8", "buffer.updates_per_batch=4"])
