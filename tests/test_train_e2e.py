@@ -170,3 +170,14 @@ def test_a_model_folder_missing_where_it_is_loaded_is_one_line_naming_the_node(t
     assert "/nonexistent/model" in errors[0] and "on node" in errors[0] and "where the learner loads it" in errors[0]
     assert "Traceback" not in text and not (tmp_path / "nomodel" / "ledger.jsonl").exists()
     assert not left_behind, left_behind
+
+
+def test_the_papers_schedule_end_to_end(tmp_path):
+    """fixed, s = 1, two updates per rollout batch: update V (run at version V) trains on version
+    max(0, 2 * floor(V / 2) - 1) only, so the staleness per update is exactly 0, 1, 1, 2."""
+    out = staleflow(["train", *SHORT, "buffer.policy=fixed", "buffer.max_staleness=1", "buffer.updates_per_batch=2",
+                     "learner.eval_every=0", f"runs_dir={tmp_path}", "name=sched"], timeout=1800)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    records = [r for r in read_jsonl(tmp_path / "sched" / "metrics.jsonl") if "policy/version" in r]
+    # one version per update: mean == max
+    assert [(r["staleness/mean"], r["staleness/max"]) for r in records] == [(0, 0), (1, 1), (1, 1), (2, 2)]
