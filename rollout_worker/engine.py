@@ -20,8 +20,10 @@ Design choices (measured / read in vLLM 0.32):
 - The n samples of a prompt are one request with SamplingParams(n) (vLLM processes the prompt once and fans out
   child requests); outputs stream as per-step deltas keyed by (request id, child index), so an interrupted
   sample keeps what it has and is continued on its own as an n=1 request.
-- Seeding: one engine-level seed. A per-request `SamplingParams.seed` would make the n samples of a prompt
-  identical (each child gets the same seed), so it is never set.
+- Seeding: one engine-level seed for training rollouts. A per-request `SamplingParams.seed` would make the n
+  samples of a prompt identical (each child gets the same seed), so a seeded generate() (the sampled eval: the
+  same samples for a seed, whatever the engine sampled before) sends each sample as its own n = 1 request with
+  its own seed (seed + prompt index x n + sample index).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class GenerationEngine(Protocol):
         temperature: float | None = None,
         max_tokens: int | None = None,
         poll_weights: WeightsPoll | None = None,
+        seed: int | None = None,
     ) -> list[list[Sample]]: ...
 
     def update_weights(self, weights: Weights, version: int) -> None: ...
@@ -155,7 +158,7 @@ class VLLMEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def _params(self, n: int, temperature: float, max_tokens: int, stream: bool):
+    def _params(self, n: int, temperature: float, max_tokens: int, stream: bool, seed: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -169,10 +172,11 @@ class VLLMEngine:
             # Partial rollouts stream each step's new tokens (an interruption keeps them); otherwise only the
             # final outputs, as LLM.generate does (per-step outputs cost ~10% on small models).
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            seed=seed,
         )
 
     def _add(self, running: dict[tuple[str, int], _Running], items: list[_Running], temperature: float,
-             max_tokens: int, stream: bool) -> None:
+             max_tokens: int, stream: bool, seed: int | None = None) -> None:
         """One vLLM request for `items` (samples sharing one prefix): vLLM fans n out into child requests
         after processing the prompt once. Child `i` (CompletionOutput.index) is items[i]."""
         from vllm.inputs import TokensPrompt
@@ -180,7 +184,7 @@ class VLLMEngine:
         rid = f"s{self._next_id}"
         self._next_id += 1
         prompt = items[0].prompt + items[0].sample.token_ids  # a continued sample resumes after what it has
-        params = self._params(len(items), temperature, max_tokens, stream)
+        params = self._params(len(items), temperature, max_tokens, stream, seed)
         self._engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
         for i, item in enumerate(items):
             running[(rid, i)] = item
@@ -194,6 +198,7 @@ class VLLMEngine:
         max_tokens: int | None = None,
         poll_weights: WeightsPoll | None = None,
         poll_every_s: float = 0.05,
+        seed: int | None = None,
     ) -> list[list[Sample]]:
         """n samples for each prompt, in prompt order. Defaults come from the RolloutConfig.
 
@@ -202,6 +207,7 @@ class VLLMEngine:
         and each unfinished sample resubmitted as prompt + its tokens so far with the remaining token budget: the
         continuation's tokens carry the new version. Known limits: a stop string straddling the interruption is
         not detected, and the continuation re-prefills its prefix under the new weights.
+        seed: the same samples for the same seed (each sample its own seeded request; see the module docstring).
         """
         n = self.cfg.n if n is None else n
         temperature = self.cfg.temperature if temperature is None else temperature
@@ -215,7 +221,12 @@ class VLLMEngine:
             for g, prompt in enumerate(prompt_token_ids):
                 items = [_Running(list(prompt), g) for _ in range(n)]
                 groups.append([item.sample for item in items])
-                self._add(running, items, temperature, max_tokens, stream=poll_weights is not None)
+                if seed is None:
+                    self._add(running, items, temperature, max_tokens, stream=poll_weights is not None)
+                else:
+                    for j, item in enumerate(items):
+                        self._add(running, [item], temperature, max_tokens, stream=poll_weights is not None,
+                                  seed=seed + g * n + j)
         except Exception:  # e.g. a prompt longer than max_model_len: leave the engine idle, not half-loaded
             self._engine.abort_request(sorted({rid for rid, _ in running}))
             raise

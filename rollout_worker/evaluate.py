@@ -11,16 +11,18 @@ from rollout_worker.tasks import Task, load_task, score
 
 
 def evaluate(engine: GenerationEngine, task: Task, n: int = 1, temperature: float | None = None,
-             timeout_s: float = 5.0) -> dict:
+             timeout_s: float = 5.0, seed: int | None = None) -> dict:
     """accuracy = mean reward over every (prompt, sample): pass@1 averaged over n samples (avg@n).
     Without a temperature, n=1 decodes greedily and n>1 samples at the engine's rollout temperature (1.0 if that
-    is 0, since n greedy samples would be n copies); a given temperature > 0 samples, whatever n."""
+    is 0, since n greedy samples would be n copies); a given temperature > 0 samples, whatever n. `seed`: the same
+    samples, hence the same accuracy, for the same weights and seed."""
     if n < 1:
         raise ValueError("n must be >= 1")
     prompts = task.eval_prompts()
     if temperature is None:
         temperature = 0.0 if n == 1 else getattr(getattr(engine, "cfg", None), "temperature", 1.0) or 1.0
-    groups = engine.generate(engine.tokenize([p.text for p in prompts]), n, temperature=temperature)
+    groups = engine.generate(engine.tokenize([p.text for p in prompts]), n, temperature=temperature,
+                             seed=seed if temperature > 0 else None)
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     rewards, errors = score(task, flat_prompts, [s.text for g in groups for s in g], timeout_s=timeout_s)
     return {

@@ -203,8 +203,10 @@ class RolloutActor:
             values = {"eval/accuracy": result["accuracy"], "eval/version": version}
             k = self.cfg.task.eval_samples
             if k:  # what the policy samples, as trained: greedy hides the entropy and tail damage (M2PO paper)
+                # Seeded: reproducible for the run's seed, and the same random numbers at every version (the
+                # curve's differences are the policy's, not the sampler's).
                 sampled = evaluate(self.engine, self.task, n=k, temperature=self.cfg.rollout.temperature,
-                                   timeout_s=self.cfg.task.reward_timeout_s)
+                                   timeout_s=self.cfg.task.reward_timeout_s, seed=self.cfg.task.seed)
                 result.update(avg_at_k=sampled["accuracy"], k=k, sampled_temperature=sampled["temperature"])
                 values["eval/avg_at_k"] = sampled["accuracy"]
         result["version"] = version

@@ -187,6 +187,28 @@ def test_published_weights_travel_as_references_and_each_engine_process_pulls_th
             ray.shutdown()
 
 
+def test_a_seeded_sampled_eval_is_reproducible_whatever_was_sampled_before(engine, hf_a, prompts):
+    """The sampled eval (avg@k at T = 1) gives the same samples for the same seed and weights, whatever the engine
+    sampled in between (training rollouts advance its generator); the k samples of a prompt still differ."""
+    from rollout_worker.evaluate import evaluate
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    load(engine, hf_a, 0)
+
+    def samples(seed):
+        return [[s.token_ids for s in g] for g in engine.generate(prompts[:8], 4, temperature=1.0, seed=seed)]
+
+    first = samples(5)
+    engine.generate(prompts[:8], 4, temperature=1.0)  # unseeded sampling in between, as training does
+    assert samples(5) == first
+    assert samples(6) != first
+    assert any(len({tuple(t) for t in group}) > 1 for group in first)  # each sample its own seed
+    task = ArithmeticTask(eval_size=64)
+    a = evaluate(engine, task, n=4, temperature=1.0, seed=3)
+    engine.generate(prompts[:8], 4, temperature=1.0)
+    assert evaluate(engine, task, n=4, temperature=1.0, seed=3)["accuracy"] == a["accuracy"]
+
+
 def test_prefix_cache_is_dropped_on_update(engine, hf_a, hf_b):
     """A long prompt's KV blocks cached under the old weights must not serve the new ones."""
     long = engine.tokenize([LONG])
