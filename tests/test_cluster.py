@@ -74,7 +74,10 @@ def check_placement_and_transfers(cluster: RayCluster, run_dir: Path, before: di
                              "created": created[node]}
         assert len(versions) * size <= created[node] < (len(versions) + 1) * size, (
             node, here, dict(loaded), size, created, rows)
-    print("CLUSTER " + json.dumps(figures))  # pytest -s: the figures behind the assertions
+    # The figures behind the assertions, for a human: test-artifacts/cluster-<run>.json (git-ignored).
+    out = Path(__file__).resolve().parent.parent / "test-artifacts"
+    out.mkdir(exist_ok=True)
+    (out / f"cluster-{run_dir.name}.json").write_text(json.dumps(figures, indent=1))
     assert any(loaded.values()), "no worker loaded a published version: nothing crossed to a rollout node"
 
 
