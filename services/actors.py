@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 RENDEZVOUS_TIMEOUT_S = 600  # every rank joins within this (a loaded machine builds engines slowly)
 
 
+def _where() -> dict[str, Any]:
+    """This process and its node (runs/<name>/placement.json)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
 def _buffer(cfg: Config, redis: RedisEndpoint) -> StalenessBuffer:
     return StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
 
@@ -70,11 +78,7 @@ class LearnerActor:
         return os.getpid()
 
     def where(self) -> dict[str, Any]:
-        """This process and its node (runs/<name>/placement.json)."""
-        import ray
-
-        ctx = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        return _where()
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the process group's store on this node; returns (address, port) for the other ranks."""
@@ -169,11 +173,7 @@ class RolloutActor:
         return os.getpid()
 
     def where(self) -> dict[str, Any]:
-        """This process and its node (runs/<name>/placement.json)."""
-        import ray
-
-        ctx = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        return _where()
 
     def run(self) -> int:
         return self.worker.run()

@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from services.config import load_config
+from tests.ray_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -199,12 +200,6 @@ def test_services_wait_for_healthy_dependencies(resolved):
 
 
 # ----------------------------------------------------------------------------------------- compose: behaviour
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_redis_command_requires_the_password_and_keeps_an_aof(resolved, tmp_path):
