@@ -21,6 +21,8 @@ Keys (P = cfg.prefix; one run = one prefix; `reset()` deletes them all):
                     entry_id, worker.
     P:state         hash: version (the learner's), inflight (bounded: accepted + running).
     P:slots         hash (fixed): slot -> groups granted for it and not released or dropped.
+    P:filled:<k>    set (fixed): ids of the groups pushed for slot k by its own version r(k); deleted once the
+                    learner is past k. A version stays pinned in the registry until its slots are filled.
     P:grants:<w>    hash: slot (or "-") -> groups granted to worker w and not pushed yet.
     P:workers       set of worker ids seen.   P:producers  hash: <w>|pushed, <w>|first_ms, <w>|last_ms.
     P:counts        hash: admitted, consumed, stale:<k>, drop:<reason>, dead:<reason>, ahead_of_learner.
@@ -60,6 +62,9 @@ from buffer.staleness import (
     RELEASE_LUA,
     Verdict,
     decide,
+    fills_slot,
+    grantable_slots,
+    required_version,
     staleness,
 )
 from buffer.stats import BufferStats, ProducerStats
@@ -119,6 +124,7 @@ class StalenessBuffer:
         self._pool: dict[str, _Pooled] = {}
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
         self._last_claim = 0.0
+        self._filled_slots: set[int] = set()  # fixed: slots seen filled (they stay filled), not asked again
         self._ensure_group()
 
     def _grants(self, worker_id: str) -> str:
@@ -159,11 +165,19 @@ class StalenessBuffer:
 
     def _queue_push(self, pipe, payload: bytes, group: TrajectoryGroup, worker_id: str) -> None:  # noqa: ANN001
         """XADD + the accounting script, queued on a MULTI pipeline: together atomic (see PUSH_LUA)."""
+        c = self.cfg
         slot = "-" if group.slot is None else str(group.slot)
-        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
+        fills = c.policy == "fixed" and fills_slot(group.slot, group.version_min, group.version_max,
+                                                   c.max_staleness, c.updates_per_batch)
+        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers,
+                self._filled(slot)]
         pipe.xadd(self.k_stream, {"d": payload, "w": worker_id, "s": slot})
         # EVAL, not EVALSHA: inside MULTI a NOSCRIPT error would leave the XADD without its accounting
-        pipe.eval(PUSH_LUA, len(keys), *keys, worker_id, slot, self.cfg.capacity_groups, self.cfg.policy)
+        pipe.eval(PUSH_LUA, len(keys), *keys, worker_id, slot, c.capacity_groups, c.policy, group.group_id,
+                  "1" if fills else "0")
+
+    def _filled(self, slot: int | str) -> str:
+        return f"{self.cfg.prefix}:filled:{slot}"
 
     def push(self, group: TrajectoryGroup, worker_id: str, *, timeout_s: float | None = None) -> str:
         """Append one group; while the stream holds `capacity_groups` entries, wait with backoff, and raise
@@ -214,6 +228,27 @@ class StalenessBuffer:
     def version(self) -> int:
         return int(self.r.hget(self.k_state, "version") or 0)
 
+    def pinned_versions(self) -> list[int]:
+        """fixed: the published versions that must stay fetchable, because a grantable slot they generate is not
+        filled yet (buffer/staleness.py); [] for the other policies, whose workers only ever want the newest.
+        Also forgets the fill sets of the slots the learner is past (call it once per publish)."""
+        c = self.cfg
+        if c.policy != "fixed":
+            return []
+        version, low = (int(x or 0) for x in self.r.hmget(self.k_state, "version", "filled_low"))
+        slots = grantable_slots(version, c.max_staleness, c.updates_per_batch)
+        pipe = self.r.pipeline(transaction=False)
+        for k in slots:
+            pipe.scard(self._filled(k))
+        done = range(low, version)
+        for i in range(0, len(done), 500):
+            pipe.delete(*(self._filled(k) for k in done[i : i + 500]))
+        if version > low:
+            pipe.hset(self.k_state, "filled_low", version)
+        counts = pipe.execute()[: len(slots)]
+        return sorted({required_version(k, c.max_staleness, c.updates_per_batch)
+                       for k, n in zip(slots, counts) if n < c.batch_groups})
+
     def pull(self, n_groups: int, *, consumer: str = "learner-0", block_ms: int = 1000) -> list[Entry]:
         """Up to `n_groups` entries the current policy lets the learner train on now, waiting up to `block_ms`
         for them (0: only what is there). Drops and dead letters along the way are acked and counted. The
@@ -241,7 +276,10 @@ class StalenessBuffer:
             self._read_own_pending(consumer)
         if time.monotonic() - self._last_claim > self.cfg.claim_idle_s / 4:
             self._claim(consumer)
-        out = self._serve(version, n_groups)
+        # Not ready (fixed: the FIFO is not full yet): take nothing, but still drop what must be dropped, since a
+        # drop gives its slot's place back and the FIFO may be waiting for exactly that place to be generated.
+        ready = self._fifo_ready(version)
+        out = self._serve(version, n_groups if ready else 0)
         deadline = time.monotonic() + block_ms / 1000
         while len(out) < n_groups:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -253,10 +291,28 @@ class StalenessBuffer:
             )
             got = resp[0][1] if resp else []
             self._ingest(got)
-            out += self._serve(version, n_groups - len(out))
+            ready = ready or self._fifo_ready(version)  # a push may have filled the slot it waited for
+            out += self._serve(version, n_groups - len(out) if ready else 0)
             if left_ms <= 0 or (not got and left_ms <= MAX_BLOCK_MS):
                 break
         return out
+
+    def _fifo_ready(self, version: int) -> bool:
+        """fixed: may update `version` run? Only once every grantable slot generated by an older version is
+        filled (buffer/staleness.py, "the weights a fixed run keeps"). Other policies: always."""
+        c = self.cfg
+        if c.policy != "fixed":
+            return True
+        owed = [k for k in grantable_slots(version, c.max_staleness, c.updates_per_batch)
+                if k not in self._filled_slots and required_version(k, c.max_staleness, c.updates_per_batch) < version]
+        if not owed:
+            return True
+        pipe = self.r.pipeline(transaction=False)
+        for k in owed:
+            pipe.scard(self._filled(k))
+        filled = [k for k, n in zip(owed, pipe.execute()) if n >= c.batch_groups]
+        self._filled_slots.update(filled)
+        return len(filled) == len(owed)
 
     def ack(self, ids: list[str]) -> int:
         """Acknowledge and delete consumed entries (after the checkpoint that covers them); they count as
@@ -474,4 +530,5 @@ class StalenessBuffer:
             self.r.delete(*batch)
         self._pool.clear()
         self._delivered.clear()
+        self._filled_slots.clear()
         self._ensure_group()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ class PublishStats:
     seconds: float
     bytes: int
     buckets: int
+    kept: int  # versions the registry keeps after this one (pinned ones included)
 
 
 def _rank() -> int:
@@ -97,7 +98,9 @@ class WeightPublisher:
     """Puts the model's weights into the object store and registers them; `maybe_publish` after each update.
 
     `registry` is the WeightRegistry actor handle (services hands it over); `metrics(step, values)` is the
-    run's metrics callback. Only rank 0 talks to Ray; call it on every rank (ZeRO-3 needs them all).
+    run's metrics callback; `pins()` names the older versions the registry must keep (fixed staleness: those
+    whose slots are not filled yet, StalenessBuffer.pinned_versions). Only rank 0 talks to Ray; call it on every
+    rank (ZeRO-3 needs them all).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class WeightPublisher:
         dtype: str = "auto",
         timeout_s: float = 120.0,
         metrics: MetricsLogger | None = None,
+        pins: Callable[[], Iterable[int]] | None = None,
     ):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"weights dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
@@ -118,6 +122,7 @@ class WeightPublisher:
         self.dtype = None if dtype == "auto" else torch_dtype(dtype)  # None: floats keep the model's dtype
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.pins = pins
         # One bucket of host memory, reused by every publish: packing into fresh pages is ~3x slower.
         self._staging = None
 
@@ -173,10 +178,11 @@ class WeightPublisher:
 
         dtype_names = {s.dtype for b in buckets for s in b if s.dtype in FLOAT_DTYPES}
         manifest = WeightsManifest(version, buckets, total, ",".join(sorted(dtype_names)) or "none")
+        pinned = list(self.pins()) if self.pins is not None else []
         left = max(self.timeout_s - (time.perf_counter() - t0), 1e-3)
         try:
             # refs travel inside a list, so Ray passes them as references (the registry borrows them).
-            ray.get(self.registry.register.remote(manifest, refs), timeout=left)
+            kept = ray.get(self.registry.register.remote(manifest, refs, pinned), timeout=left)
         except ray.exceptions.GetTimeoutError:
             raise WeightsTimeout(f"publishing weights version {version}: the registry did not acknowledge"
                                  f" within {self.timeout_s}s") from None
@@ -184,10 +190,10 @@ class WeightPublisher:
             raise WeightsError(f"publishing weights version {version}: the weight registry actor is gone"
                                f" ({type(exc).__name__})") from exc
 
-        stats = PublishStats(version, time.perf_counter() - t0, total, len(buckets))
+        stats = PublishStats(version, time.perf_counter() - t0, total, len(buckets), len(kept))
         if self.metrics is not None:
             self.metrics(version, {"weights/publish_s": stats.seconds, "weights/bytes": float(total),
-                                   "weights/version": float(version)})
+                                   "weights/version": float(version), "weights/kept": float(len(kept))})
         log.debug("published weights v%d: %d bytes in %d buckets, %.3fs", version, total, len(buckets),
                   stats.seconds)
         return stats

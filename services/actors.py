@@ -54,6 +54,7 @@ class LearnerActor:
         self.rank = rank
         self._store = None
         lead = rank == 0
+        buffer = _buffer(cfg, redis) if lead else None
         self.publisher = WeightPublisher(
             registry,
             publish_every=cfg.weights.publish_every,
@@ -61,11 +62,12 @@ class LearnerActor:
             dtype=cfg.weights.dtype,
             timeout_s=cfg.weights.timeout_s,
             metrics=metrics_logger(hub, "learner") if hub is not None and lead else None,
+            pins=buffer.pinned_versions if buffer is not None else None,
         )
         self.learner = Learner(
             cfg.learner,
             model_dir,
-            _buffer(cfg, redis) if lead else None,
+            buffer,
             run_dir,
             batch_groups=cfg.buffer.batch_groups,
             publish=lambda version, _tensors: self.publisher.publish(self.learner.trainer.engine, version),

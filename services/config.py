@@ -40,7 +40,8 @@ class WeightsConfig(BaseModel):
 
     publish_every: int = Field(1, ge=1, description="Publish weights every this many updates.")
     keep_versions: int = Field(
-        4, ge=1, description="Versions the registry keeps; with buffer.policy=fixed at least max_staleness + 2."
+        2, ge=1, description="The newest versions the registry keeps. Under buffer.policy=fixed it also keeps the "
+        "older versions whose slots are not filled yet (none beyond the newest two while workers keep up).",
     )
     bucket_mb: int = Field(64, ge=1, description="Weights travel in buckets of at most this size.")
     timeout_s: float = Field(120.0, gt=0, description="A publish or fetch slower than this is an error.")

@@ -111,14 +111,15 @@ def node_store_bytes(node_id: str) -> float:
 
 def check_object_store(cfg: Config, version_bytes: int, node_id: str) -> None:
     """(weights.keep_versions + 1) versions live in the learner node's object store at once (the registry keeps
-    K, the newest is being put; rank 0 puts them on its node): they must fit, or publishing fails minutes in."""
+    K, the newest is being put; rank 0 puts them on its node): they must fit, or publishing fails minutes in.
+    Fixed staleness pins more only while workers lag behind their slots; Ray spills what does not fit to disk."""
     need = (cfg.weights.keep_versions + 1) * version_bytes
     have = node_store_bytes(node_id)
     if need > have:
         raise NotStarted(
             f"{cfg.weights.keep_versions + 1} weight versions ({cfg.weights.keep_versions} kept + the one being "
             f"published) take {need / 1e9:.2f} GB and the learner node's object store has {have / 1e9:.2f} GB: "
-            "lower weights.keep_versions (fixed staleness needs max_staleness + 2), set weights.dtype=bfloat16, or "
+            "lower weights.keep_versions, set weights.dtype=bfloat16, or "
             "give Ray more object store memory (ray start --object-store-memory)"
         )
 

@@ -4,7 +4,8 @@ are.
 The learner registers (manifest, object refs) after each publish; rollout workers ask `latest_version()` (an
 int, cheap to poll) and `get(version)` for the refs, then pull the buckets straight from the object store
 (the bytes never pass through this actor). The registry holds the refs, which keeps the objects alive, for the
-last `keep_versions` versions: the `fixed` staleness mode asks for a specific older version. Evicting a
+last `keep_versions` versions and for the versions the publisher pins: under the `fixed` staleness rule those
+whose slots are not filled yet (buffer/staleness.py: the paper's FIFO keeps rollouts, not weights). Evicting a
 version drops its refs and Ray frees the objects once no worker still reads them.
 
 The learner owns the objects it puts (Ray 2.56 removed `ray.put(..., _owner=)`): if the learner process dies,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Collection
 
 import ray
 
@@ -26,7 +28,8 @@ REGISTRY_NAME = "staleflow-weights"
 
 
 class WeightRegistry:
-    """Keeps (manifest, refs) of the last `keep_versions` published versions. Run it as a Ray actor."""
+    """Keeps (manifest, refs) of the last `keep_versions` published versions and of the pinned ones. Run it as a
+    Ray actor."""
 
     def __init__(self, keep_versions: int = 4):
         if keep_versions < 1:
@@ -34,9 +37,11 @@ class WeightRegistry:
         self.keep_versions = keep_versions
         self._versions: OrderedDict[int, tuple[WeightsManifest, list[ray.ObjectRef]]] = OrderedDict()
 
-    def register(self, manifest: WeightsManifest, refs: list[ray.ObjectRef]) -> None:
+    def register(self, manifest: WeightsManifest, refs: list[ray.ObjectRef], pinned: Collection[int] = ()) -> list[int]:
         """Add a version. One ref per bucket. A version at or below the latest rewinds history: a learner
-        restarted from an older checkpoint publishes again from there, and versions after it are dropped."""
+        restarted from an older checkpoint publishes again from there, and versions after it are dropped.
+        Then evict every version that is neither among the newest `keep_versions` nor `pinned` (still needed by
+        a producer). Returns the versions kept, oldest first."""
         if len(refs) != len(manifest.buckets):
             raise WeightsError(
                 f"version {manifest.version}: {len(refs)} object refs for {len(manifest.buckets)} buckets"
@@ -49,8 +54,10 @@ class WeightRegistry:
         if dropped:
             log.warning("weights version %d registered again: dropped versions %s", manifest.version, dropped)
         self._versions[manifest.version] = (manifest, list(refs))
-        while len(self._versions) > self.keep_versions:
-            self._versions.popitem(last=False)  # oldest first; Ray frees its objects when unreferenced
+        keep = set(list(self._versions)[-self.keep_versions :]) | set(pinned)
+        for v in [v for v in self._versions if v not in keep]:
+            del self._versions[v]  # Ray frees its objects once no worker still holds their refs
+        return list(self._versions)
 
     def latest_version(self) -> int:
         """The newest registered version, or -1 if none yet."""

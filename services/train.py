@@ -257,12 +257,8 @@ def resolve_model(cfg: Config) -> str:
 
 def run_cfg(cfg: Config) -> Config:
     """Settings derived from others, so nobody has to keep them in step by hand."""
-    keep = cfg.weights.keep_versions
-    if cfg.buffer.policy == "fixed":  # workers fetch versions down to m*floor(V/m) - s: s + m of them, and one more
-        keep = max(keep, cfg.buffer.max_staleness + cfg.buffer.updates_per_batch + 1)
     return cfg.model_copy(
         update={
-            "weights": cfg.weights.model_copy(update={"keep_versions": keep}),
             # One key namespace per run: several runs may share an external Redis.
             "buffer": cfg.buffer.model_copy(update={"prefix": f"{cfg.buffer.prefix}:{cfg.name}"}),
         }

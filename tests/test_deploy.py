@@ -391,8 +391,8 @@ def test_gpu_configs_follow_the_paper(name):
     assert cfg.task.name == "math" and cfg.task.data_path and cfg.model.path.startswith("/models/")
     # Lengths fit the model's context, with room for a prompt.
     assert cfg.rollout.max_tokens + 256 <= cfg.rollout.max_model_len
-    if cfg.buffer.policy == "fixed":
-        assert cfg.weights.keep_versions >= cfg.buffer.max_staleness + 2
+    if cfg.buffer.policy == "fixed":  # the stream holds s + m rollout batches ahead of the learner
+        assert cfg.buffer.capacity_groups >= (cfg.buffer.max_staleness + cfg.buffer.updates_per_batch) * cfg.buffer.batch_groups
     assert cfg.rollout.gpus_per_worker > 0 and cfg.learner.gpus > 0
 
 

@@ -174,10 +174,18 @@ def test_a_model_folder_missing_where_it_is_loaded_is_one_line_naming_the_node(t
 
 def test_the_papers_schedule_end_to_end(tmp_path):
     """fixed, s = 1, two updates per rollout batch: update V (run at version V) trains on version
-    max(0, 2 * floor(V / 2) - 1) only, so the staleness per update is exactly 0, 1, 1, 2."""
+    max(0, 2 * floor(V / 2) - 1) only, so the staleness per update is exactly 0, 1, 1, 2. The registry keeps the
+    newest version and those the learner pins (slots not filled yet): never more than two, and no worker is ever
+    sent for an evicted one."""
     out = staleflow(["train", *SHORT, "buffer.policy=fixed", "buffer.max_staleness=1", "buffer.updates_per_batch=2",
-                     "learner.eval_every=0", f"runs_dir={tmp_path}", "name=sched"], timeout=1800)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    records = [r for r in read_jsonl(tmp_path / "sched" / "metrics.jsonl") if "policy/version" in r]
+                     "learner.eval_every=0", "weights.keep_versions=1", f"runs_dir={tmp_path}", "name=sched"],
+                    timeout=1800)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    metrics = read_jsonl(tmp_path / "sched" / "metrics.jsonl")
+    records = [r for r in metrics if "policy/version" in r]
     # one version per update: mean == max
     assert [(r["staleness/mean"], r["staleness/max"]) for r in records] == [(0, 0), (1, 1), (1, 1), (2, 2)]
+    kept = [r["weights/kept"] for r in metrics if "weights/kept" in r]
+    assert len(kept) == 5 and all(1 <= k <= 2 for k in kept), kept  # one per publish: versions 0..4
+    assert "not available" not in text and "fetch_errors" not in json.dumps(metrics), text[-4000:]
