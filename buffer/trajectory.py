@@ -1,17 +1,25 @@
-"""The trajectory contract between rollout workers and the learner, and its msgpack wire format.
+"""The trajectory contract between rollout workers and the learner, and its wire format.
 
 A `Trajectory` is one sampled response; a `TrajectoryGroup` is the n responses to one prompt (a GRPO group),
-the unit producers push and the learner consumes. On the wire a group is one msgpack map:
+the unit producers push and the learner consumes. On the wire a group is one frame (format 2):
 
-    {"schema": 1, "group_id": str, "slot": int | None, "trajectories": [ {...}, ... ]}
+    b"SFG\x02" | header length H (uint32 LE) | header: msgpack [group_id, slot, rows, lengths] | zero pad to 4
+    | prompt_ids int32[sum P] | response_ids int32[sum T] | versions int32[sum T] | behaviour_logp float32[sum T]
 
-with every numeric array packed as little-endian bytes (int32 token ids and versions, float32 log-probs), so a
-1,024-token response costs 12 KiB, not 1,024 msgpack floats. Decoding never unpickles anything; any malformed
-payload raises `MalformedEntry` with a short machine-readable `reason` that the buffer dead-letters under.
+`rows` holds each trajectory's scalar fields (a map: id, group_id, version_min, ..., meta) and `lengths` its
+[P_i, T_i] pairs; the token arrays of all n responses lie back to back, little-endian. Decoding reads the small
+header and takes numpy views of the four sections: no per-array object, no copy, and the checks (finite
+log-probs, per-token versions against version_min/max) run once over the whole group, vectorised.
+
+Format 1, a msgpack map {"schema": 1, "group_id", "slot", "trajectories": [maps with the arrays as bytes]}, is
+still read (an entry written by an older build, or by hand): it goes through the same checks. Decoding never
+unpickles anything; any malformed payload raises `MalformedEntry` with a short machine-readable `reason` that
+the buffer dead-letters under.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 import uuid
 from typing import Annotated, Any
@@ -20,7 +28,9 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the msgpack-map format (still read)
+FRAME_MAGIC = b"SFG\x02"  # format 2, the frame encode_group writes
+_HEAD = 8  # magic + header length
 
 
 class MalformedEntry(ValueError):
@@ -106,11 +116,16 @@ class Trajectory(BaseModel):
         return cls(versions=versions, version_min=lo, version_max=hi, **fields)
 
     def to_wire(self) -> dict[str, Any]:
+        """Format 1's map for this response (arrays as bytes)."""
+        d = self._row()
+        for name in _ARRAYS:
+            d[name] = getattr(self, name).tobytes()
+        return d
+
+    def _row(self) -> dict[str, Any]:
         # Built by hand, not with model_dump: this runs for every response pushed and model_dump is ~10x slower.
         d: dict[str, Any] = {name: getattr(self, name) for name in _SCALARS}
         d["meta"] = dict(self.meta)
-        for name in _ARRAYS:
-            d[name] = getattr(self, name).tobytes()
         return d
 
 
@@ -123,16 +138,24 @@ _META_TYPES = (str, int, float, bool, type(None))
 _FIELDS = Trajectory.model_fields.keys()
 
 
-def _fast_fields(d: Any) -> dict[str, Any] | None:
-    """The wire dict's fields with arrays as numpy views, or None unless it is exactly what `to_wire` writes
-    (every field, exact types); then the full pydantic validation runs instead and names any error."""
-    if type(d) is not dict or d.keys() != _FIELDS:
-        return None
+_ROW_FIELDS = _FIELDS - set(_ARRAYS)  # a frame row: the scalar fields
+
+
+def _scalars_ok(d: Any, keys: Any) -> bool:
+    """Is `d` a map of exactly `keys`, with the exact scalar types `_row` writes? (Else full validation runs.)"""
+    if type(d) is not dict or d.keys() != keys:
+        return False
     if not all(type(d[k]) is str for k in _STR_FIELDS) or not all(type(d[k]) is float for k in _FLOAT_FIELDS):
-        return None
+        return False
     if type(d["version_min"]) is not int or type(d["version_max"]) is not int or type(d["meta"]) is not dict:
-        return None
-    if d["meta"] and not all(type(k) is str and type(v) in _META_TYPES for k, v in d["meta"].items()):
+        return False
+    return not d["meta"] or all(type(k) is str and type(v) in _META_TYPES for k, v in d["meta"].items())
+
+
+def _fast_fields(d: Any) -> dict[str, Any] | None:
+    """Format 1: the map's fields with arrays as numpy views, or None unless it is exactly what `to_wire` writes
+    (every field, exact types); then the full pydantic validation runs instead and names any error."""
+    if not _scalars_ok(d, _FIELDS):
         return None
     fields = dict(d)
     for name, dtype in _ARRAY_DTYPES.items():
@@ -144,21 +167,33 @@ def _fast_fields(d: Any) -> dict[str, Any] | None:
 
 
 def _fast_group(payload: dict[str, Any]) -> TrajectoryGroup | None:
-    """Decode without pydantic's per-field machinery (~5x faster on 8 x 1,024 tokens): type checks in plain
-    Python, then `Trajectory._consistent`'s checks once over the whole group's concatenated arrays. Accepts
-    nothing the full validation refuses; returns None on anything unusual so that the full validation runs."""
+    """Format 1 without pydantic's per-field machinery; None on anything unusual (full validation then runs)."""
     if not payload.keys() <= {"schema", "group_id", "slot", "trajectories"}:
         return None
     gid, slot, raw = payload.get("group_id"), payload.get("slot"), payload.get("trajectories")
-    if type(gid) is not str or not (slot is None or type(slot) is int) or type(raw) is not list or not raw:
+    if type(raw) is not list:
         return None
     rows = [_fast_fields(d) for d in raw]
-    if any(f is None or f["group_id"] != gid or not len(f["prompt_ids"]) for f in rows):
+    if any(f is None for f in rows):
         return None
     lengths = np.array([len(f["response_ids"]) for f in rows])
     if any(len(f["behaviour_logp"]) != t or len(f["versions"]) != t for f, t in zip(rows, lengths)):
         return None
-    if not np.isfinite(np.concatenate([f["behaviour_logp"] for f in rows])).all():
+    logp = np.concatenate([f["behaviour_logp"] for f in rows]) if rows else np.zeros(0, np.float32)
+    versions = np.concatenate([f["versions"] for f in rows]) if rows else np.zeros(0, np.int32)
+    return _checked_group(gid, slot, rows, logp, versions, lengths)
+
+
+def _checked_group(gid: Any, slot: Any, rows: list[dict[str, Any]], logp: np.ndarray, versions: np.ndarray,
+                   lengths: np.ndarray) -> TrajectoryGroup | None:
+    """`Trajectory._consistent`'s and `TrajectoryGroup._nonempty`'s checks, once over the whole group: `logp` and
+    `versions` are every response's back to back, `lengths` their sizes. The group, or None if any check fails
+    (full validation then names it). Accepts nothing the full validation refuses."""
+    if type(gid) is not str or not (slot is None or type(slot) is int) or not rows:
+        return None
+    if any(f["group_id"] != gid or not len(f["prompt_ids"]) for f in rows):
+        return None
+    if not np.isfinite(logp).all():
         return None
     vmin = np.array([f["version_min"] for f in rows])
     vmax = np.array([f["version_max"] for f in rows])
@@ -166,7 +201,6 @@ def _fast_group(payload: dict[str, Any]) -> TrajectoryGroup | None:
         return None
     nonempty = lengths > 0
     if nonempty.any():
-        versions = np.concatenate([f["versions"] for f in rows])
         starts = (np.cumsum(lengths) - lengths)[nonempty]
         if (np.minimum.reduceat(versions, starts) != vmin[nonempty]).any():
             return None
@@ -222,16 +256,88 @@ class TrajectoryGroup(BaseModel):
 
 
 def encode_group(group: TrajectoryGroup) -> bytes:
-    payload = {
-        "schema": SCHEMA_VERSION,
-        "group_id": group.group_id,
-        "slot": group.slot,
-        "trajectories": [t.to_wire() for t in group.trajectories],
-    }
-    return msgpack.packb(payload, use_bin_type=True)
+    """The group as one format-2 frame (module docstring): each token array copied once, into its section."""
+    trajs = group.trajectories
+    header = msgpack.packb(
+        [group.group_id, group.slot, [t._row() for t in trajs],
+         [n for t in trajs for n in (len(t.prompt_ids), len(t.response_ids))]],
+        use_bin_type=True,
+    )
+    parts: list[Any] = [FRAME_MAGIC, struct.pack("<I", len(header)), header,
+                        b"\0" * (_aligned(_HEAD + len(header)) - _HEAD - len(header))]
+    for name in _SECTIONS:  # the arrays' own bytes (little-endian, by their dtype), joined in one copy
+        parts += [np.ascontiguousarray(getattr(t, name)).data for t in trajs]
+    return b"".join(parts)
+
+
+_SECTIONS = ("prompt_ids", "response_ids", "versions", "behaviour_logp")
+
+
+def _aligned(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _decode_frame(data: bytes) -> TrajectoryGroup:
+    """Format 2: views over `data`, checks over whole sections; full validation only to name what is wrong."""
+    if len(data) < _HEAD:
+        raise MalformedEntry("bad_frame", f"{len(data)} bytes: shorter than a frame header")
+    (hlen,) = struct.unpack_from("<I", data, 4)
+    if _HEAD + hlen > len(data):
+        raise MalformedEntry("bad_frame", f"header of {hlen} bytes runs past the frame's {len(data)}")
+    try:
+        header = msgpack.unpackb(memoryview(data)[_HEAD : _HEAD + hlen], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise MalformedEntry("bad_msgpack", type(exc).__name__) from None
+    if type(header) is not list or len(header) != 4:
+        raise MalformedEntry("bad_schema", "frame header is not [group_id, slot, rows, lengths]")
+    gid, slot, rows, lengths = header
+    if (type(rows) is not list or type(lengths) is not list or len(lengths) != 2 * len(rows)
+            or not all(type(n) is int and 0 <= n < 2**31 for n in lengths)):
+        raise MalformedEntry("bad_frame", "lengths are not a [prompt, response] pair of sizes per row")
+    if any(type(r) is dict and not r.keys().isdisjoint(_ARRAYS) for r in rows):
+        raise MalformedEntry("bad_schema", "a row carries a token array: arrays live in the frame's sections")
+    sizes = np.array(lengths, dtype=np.int64).reshape(-1, 2)
+    n_prompt, n_resp = (int(x) for x in sizes.sum(axis=0)) if len(sizes) else (0, 0)
+    start = _aligned(_HEAD + hlen)
+    if len(data) != start + 4 * (n_prompt + 3 * n_resp):
+        raise MalformedEntry("bad_frame", f"{len(data)} bytes where the header describes "
+                                          f"{start + 4 * (n_prompt + 3 * n_resp)}")
+    ints = np.frombuffer(data, "<i4", n_prompt + 2 * n_resp, start)
+    logp = np.frombuffer(data, "<f4", n_resp, start + 4 * (n_prompt + 2 * n_resp))
+    prompts, responses, versions = ints[:n_prompt], ints[n_prompt : n_prompt + n_resp], ints[n_prompt + n_resp :]
+    p_end, r_end = np.cumsum(sizes[:, 0]).tolist(), np.cumsum(sizes[:, 1]).tolist()
+    full = []
+    for row, p1, p0, r1, r0 in zip(rows, p_end, [0, *p_end], r_end, [0, *r_end]):
+        if type(row) is not dict:
+            full.append(row)  # full validation names it
+            continue
+        f = dict(row)
+        f["prompt_ids"], f["response_ids"] = prompts[p0:p1], responses[r0:r1]
+        f["versions"], f["behaviour_logp"] = versions[r0:r1], logp[r0:r1]
+        full.append(f)
+    if all(_scalars_ok(r, _ROW_FIELDS) for r in rows):
+        try:
+            fast = _checked_group(gid, slot, full, logp, versions, sizes[:, 1])
+        except (ValueError, TypeError, OverflowError):  # e.g. a version past int64: let pydantic say why
+            fast = None
+        if fast is not None:
+            return fast
+    return _validated({"group_id": gid, "slot": slot, "trajectories": full})
 
 
 _REASONS = ("length_mismatch", "non_finite", "version_mismatch", "empty_group", "group_mismatch", "empty_prompt")
+
+
+def _validated(payload: dict[str, Any]) -> TrajectoryGroup:
+    """Pydantic's full validation: the group, or MalformedEntry naming the first thing wrong."""
+    try:
+        return TrajectoryGroup.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        msg = str(first.get("ctx", {}).get("error", first["msg"]))
+        reason = next((r for r in _REASONS if r in msg), "bad_schema")
+        where = ".".join(str(p) for p in first["loc"])
+        raise MalformedEntry(reason, f"{where}: {msg}"[:300]) from None
 
 
 def decode_group(data: bytes) -> TrajectoryGroup:
@@ -240,6 +346,10 @@ def decode_group(data: bytes) -> TrajectoryGroup:
     # Named apart so that an operator sees someone is sending pickles; it is never loaded.
     if len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5:
         raise MalformedEntry("pickle", f"pickle protocol {data[1]} payload refused")
+    if data[:4] == FRAME_MAGIC:
+        return _decode_frame(data)
+    if data[:3] == FRAME_MAGIC[:3]:
+        raise MalformedEntry("unknown_schema", f"frame format {data[3:4].hex()}, this build reads 02 (and schema 1)")
     try:
         payload = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -255,11 +365,4 @@ def decode_group(data: bytes) -> TrajectoryGroup:
         fast = None
     if fast is not None:
         return fast
-    try:
-        return TrajectoryGroup.model_validate({k: v for k, v in payload.items() if k != "schema"})
-    except ValidationError as err:
-        first = err.errors()[0]
-        msg = str(first.get("ctx", {}).get("error", first["msg"]))
-        reason = next((r for r in _REASONS if r in msg), "bad_schema")
-        where = ".".join(str(p) for p in first["loc"])
-        raise MalformedEntry(reason, f"{where}: {msg}"[:300]) from None
+    return _validated({k: v for k, v in payload.items() if k != "schema"})

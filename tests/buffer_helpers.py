@@ -15,6 +15,12 @@ from buffer.server import connect
 from buffer.trajectory import Trajectory, TrajectoryGroup
 
 
+def wire_v1(group: TrajectoryGroup) -> dict:
+    """The group as format 1's msgpack map (still read by decode_group): the easiest format to damage by hand."""
+    return {"schema": 1, "group_id": group.group_id, "slot": group.slot,
+            "trajectories": [t.to_wire() for t in group.trajectories]}
+
+
 def make_group(version: int, *, n: int = 2, tokens: int = 8, slot: int | None = None, gid: str | None = None,
                seed: int = 0, versions: list[int] | None = None) -> TrajectoryGroup:
     rng = np.random.default_rng(seed)

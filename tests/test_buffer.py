@@ -21,7 +21,6 @@ import redis
 from buffer.redis_buffer import BufferFull
 from buffer.server import EmbeddedRedis, RedisUnavailable, _free_port, connect
 from buffer.staleness import required_version
-from buffer.trajectory import encode_group
 from tests import buffer_helpers as helpers
 from tests.buffer_helpers import make_group
 
@@ -285,7 +284,7 @@ class _CreatesAFile:
 
 
 def _wire(**changes):
-    payload = msgpack.unpackb(encode_group(make_group(0, tokens=4, gid="bad")), raw=False)
+    payload = helpers.wire_v1(make_group(0, tokens=4, gid="bad"))
     t = payload["trajectories"][0]
     for key, value in changes.items():
         if key.startswith("t_"):

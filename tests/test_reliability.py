@@ -24,7 +24,7 @@ from buffer.redis_buffer import StalenessBuffer
 from buffer.server import EmbeddedRedis, _free_port, connect
 from buffer.staleness import ACK_LUA
 from buffer.trajectory import Trajectory, TrajectoryGroup, encode_group
-from tests.buffer_helpers import make_group
+from tests.buffer_helpers import make_group, wire_v1
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,7 +291,7 @@ def test_unreachable_redis_at_start_is_one_clear_line_from_the_cli(command, tmp_
 
 
 def _wire(trajectory: dict | None = None, **top) -> bytes:  # noqa: ANN003
-    payload = msgpack.unpackb(encode_group(make_group(0, tokens=4, gid="bad")), raw=False)
+    payload = wire_v1(make_group(0, tokens=4, gid="bad"))
     payload["trajectories"][0].update(trajectory or {})
     payload.update(top)
     return msgpack.packb(payload, use_bin_type=True)
@@ -321,6 +321,12 @@ BAD = {
     "truncated": ("bad_msgpack", _wire()[:-3]),
     "bad_utf8": ("bad_msgpack", b"\x81\xa3\xff\xfe\xfd\x01"),
     "empty_payload": ("bad_msgpack", b""),
+    # format 2 (the frame encode_group writes), damaged
+    "frame_truncated": ("bad_frame", bytes(encode_group(make_group(0, tokens=4)))[:-4]),
+    "frame_too_long": ("bad_frame", bytes(encode_group(make_group(0, tokens=4))) + b"\0\0\0\0"),
+    "frame_header_past_end": ("bad_frame", b"SFG\x02\xff\xff\x00\x00" + b"\x90" * 8),
+    "frame_short": ("bad_frame", b"SFG\x02\x01"),
+    "frame_format_3": ("unknown_schema", b"SFG\x03" + bytes(encode_group(make_group(0, tokens=4)))[4:]),
 }
 
 
