@@ -163,21 +163,20 @@ class StalenessBuffer:
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.25)
 
-    def _queue_push(self, pipe, payload: bytes, group: TrajectoryGroup, worker_id: str) -> None:  # noqa: ANN001
-        """XADD + the accounting script, queued on a MULTI pipeline: together atomic (see PUSH_LUA)."""
+    def _queue_push(self, pipe, payloads: list[bytes], groups: list[TrajectoryGroup], worker_id: str) -> None:  # noqa: ANN001
+        """n XADDs + one accounting script for all of them, queued on a MULTI pipeline: together atomic (PUSH_LUA)."""
         c = self.cfg
-        slot = "-" if group.slot is None else str(group.slot)
-        fills = c.policy == "fixed" and fills_slot(group.slot, group.version_min, group.version_max,
-                                                   c.max_staleness, c.updates_per_batch)
-        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers,
-                self._filled(slot)]
-        pipe.xadd(self.k_stream, {"d": payload, "w": worker_id, "s": slot})
-        # EVAL, not EVALSHA: inside MULTI a NOSCRIPT error would leave the XADD without its accounting
-        pipe.eval(PUSH_LUA, len(keys), *keys, worker_id, slot, c.capacity_groups, c.policy, group.group_id,
-                  "1" if fills else "0")
-
-    def _filled(self, slot: int | str) -> str:
-        return f"{self.cfg.prefix}:filled:{slot}"
+        keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
+        args: list = [worker_id, c.capacity_groups, c.policy, len(groups)]
+        for payload, group in zip(payloads, groups):
+            slot = "-" if group.slot is None else str(group.slot)
+            fills = c.policy == "fixed" and fills_slot(group.slot, group.version_min, group.version_max,
+                                                       c.max_staleness, c.updates_per_batch)
+            pipe.xadd(self.k_stream, {"d": payload, "w": worker_id, "s": slot})
+            keys.append(self._filled(slot))
+            args += [slot, group.group_id, "1" if fills else "0"]
+        # EVAL, not EVALSHA: inside MULTI a NOSCRIPT error would leave the XADDs without their accounting
+        pipe.eval(PUSH_LUA, len(keys), *keys, *args)
 
     def push(self, group: TrajectoryGroup, worker_id: str, *, timeout_s: float | None = None) -> str:
         """Append one group; while the stream holds `capacity_groups` entries, wait with backoff, and raise
@@ -185,15 +184,17 @@ class StalenessBuffer:
         return self._push_with_backoff(encode_group(group), group, worker_id, timeout_s)
 
     def push_many(self, groups: list[TrajectoryGroup], worker_id: str, *, timeout_s: float | None = None) -> list[str]:
-        """Append several groups in one round trip; those refused for lack of room then wait as in push."""
+        """Append several groups in one round trip and one accounting script; those refused for lack of room then
+        wait as in push."""
+        if not groups:
+            return []
         payloads = [encode_group(g) for g in groups]
         pipe = self.r.pipeline(transaction=True)
-        for payload, group in zip(payloads, groups):
-            self._queue_push(pipe, payload, group, worker_id)
-        res = pipe.execute()
-        return [
-            i.decode() if ok else self._push_with_backoff(p, g, worker_id, timeout_s)
-            for i, ok, p, g in zip(res[0::2], res[1::2], payloads, groups)
+        self._queue_push(pipe, payloads, groups, worker_id)
+        *ids, accepted = pipe.execute()
+        return [i.decode() for i in ids[: int(accepted)]] + [
+            self._push_with_backoff(p, g, worker_id, timeout_s)
+            for p, g in zip(payloads[int(accepted) :], groups[int(accepted) :])
         ]
 
     def _push_with_backoff(self, payload: bytes, group: TrajectoryGroup, worker_id: str, timeout_s) -> str:  # noqa: ANN001
@@ -202,7 +203,7 @@ class StalenessBuffer:
         delay = 0.005
         while True:
             pipe = self.r.pipeline(transaction=True)
-            self._queue_push(pipe, payload, group, worker_id)
+            self._queue_push(pipe, [payload], [group], worker_id)
             entry_id, ok = pipe.execute()
             if ok:
                 return entry_id.decode()
@@ -214,6 +215,9 @@ class StalenessBuffer:
                 )
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.5)
+
+    def _filled(self, slot: int | str) -> str:
+        return f"{self.cfg.prefix}:filled:{slot}"
 
     def release(self, worker_id: str) -> int:
         """Give back the grants `worker_id` has not pushed (call when that worker restarts). Returns how many."""
@@ -264,16 +268,25 @@ class StalenessBuffer:
             return self._pull(n_groups, consumer, block_ms)
 
     def _pull(self, n_groups: int, consumer: str, block_ms: int) -> list[Entry]:
+        # One round trip for the version, this consumer's pending count and a first non-blocking read of what
+        # the pool lacks (the count is taken before the read, so it does not include what the read delivers).
+        held = len(self._pool) + len(self._delivered)
+        want = n_groups - len(self._pool)
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.k_state, "version")
         pipe.xpending(self.k_stream, GROUP)
-        version_raw, pending = pipe.execute()
+        if want > 0:
+            pipe.xreadgroup(GROUP, consumer, {self.k_stream: ">"}, count=want)
+        version_raw, pending, *first = pipe.execute()
         version = int(version_raw or 0)
         # Entries pending in this consumer that this instance does not hold: a restarted learner's, or a
-        # XREADGROUP whose reply was lost (redis-py retried it after a dropped connection). Read them again.
+        # XREADGROUP whose reply was lost (redis-py retried it after a dropped connection). Read them again, oldest
+        # first; that re-read includes what the first read just delivered (it is pending here now).
         mine = next((int(c["pending"]) for c in pending["consumers"] if c["name"].decode() == consumer), 0)
-        if mine > len(self._pool) + len(self._delivered):
+        if mine > held:
             self._read_own_pending(consumer)
+        elif first and first[0]:
+            self._ingest(first[0][0][1])
         if time.monotonic() - self._last_claim > self.cfg.claim_idle_s / 4:
             self._claim(consumer)
         # Not ready (fixed: the FIFO is not full yet): take nothing, but still drop what must be dropped, since a

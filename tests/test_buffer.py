@@ -273,6 +273,23 @@ def test_push_many_pipelines_and_still_respects_capacity(buffer_factory):
         buf.push_many([make_group(0)], "w", timeout_s=0.1)
 
 
+def test_a_batch_that_half_fits_is_half_pushed_and_accounted_for_exactly(buffer_factory):
+    """One accounting script for a whole batch: the groups that fit are in and counted (pushed, grants used), the
+    others' XADDs undone and their grants kept, so nothing is lost or counted twice."""
+    buf = buffer_factory(policy="bounded", max_staleness=1, batch_groups=2, capacity_groups=4)
+    assert buf.admit("w", 4).granted == 4  # (s + V + 1) * B
+    groups = [make_group(0, seed=i, gid=f"g{i}") for i in range(6)]
+    with pytest.raises(BufferFull):
+        buf.push_many(groups, "w", timeout_s=0.1)
+    stats = buf.stats()
+    assert (stats.depth, stats.producers["w"].pushed, stats.outstanding) == (4, 4, 0)
+    assert buf.r.hget(buf.k_state, "inflight") == b"4"  # the refused two took no place
+    assert [e.group.group_id for e in _drain(buf, 4)] == ["g0", "g1", "g2", "g3"]
+    assert len(buf.push_many(groups[4:], "w")) == 2
+    assert buf.r.hget(buf.k_state, "inflight") == b"6"  # pushed without a grant: they still occupy a place
+    assert [e.group.group_id for e in _drain(buf, 2)] == ["g4", "g5"]
+
+
 class _CreatesAFile:
     """Unpickling this creates a file: the buffer must never do it."""
 
