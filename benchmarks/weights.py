@@ -10,7 +10,9 @@ configuration is warmed up (keep_versions + 1 publishes) before the timed repeat
     .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 32 64 256] [--reps 5]
 
 Prints one JSON object: per size and bucket size, GB/s end to end, of the fetch + load half alone (what a
-rollout worker waits for), and of memcpy, with the ratios to memcpy.
+rollout worker waits for), and of memcpy, with the ratios to memcpy. `learner_wait_s`: what an update waits for
+with `weights.background=true` (the publish call returns once the weights are copied to host memory; the put and
+the registration run on a thread), with its ratio to memcpy (1.0: the learner waits for one copy, no more).
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
                 memcpy_s.append(memcpy())  # interleaved: both see the same machine load
         # it did move the weights
         assert all(torch.equal(receiver[n], t.to(receiver[n].dtype)) for n, t in source.items())
+        background = WeightPublisher(registry, bucket_mb=bucket_mb, dtype=dtype, timeout_s=600, background=True)
+        wait, memcpy_bg = [], []
+        for rep in range(KEEP_VERSIONS + 1 + reps):
+            version += 1
+            t0 = time.perf_counter()
+            background.publish(model, version)
+            waited = time.perf_counter() - t0
+            background.flush()  # here only to time each publish alone; a learner trains meanwhile
+            if rep > KEEP_VERSIONS:
+                wait.append(waited)
+                memcpy_bg.append(memcpy())
         med = statistics.median
         # Ratios per repeat (memcpy measured right after it), then the median: the machine's load drifts.
         rows.append({
@@ -124,6 +137,8 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
             "memcpy_gbps": gbps(nbytes, med(memcpy_s)),
             "ratio_e2e_vs_memcpy": round(med(m / e for m, e in zip(memcpy_s, e2e)), 3),
             "ratio_fetch_load_vs_memcpy": round(med(m / f for m, f in zip(memcpy_s, fetch_load)), 3),
+            "learner_wait_s": round(med(wait), 4),
+            "ratio_memcpy_vs_learner_wait": round(med(m / w for m, w in zip(memcpy_bg, wait)), 3),
         })
     ray.kill(registry)
     best = max(rows, key=lambda r: r["ratio_e2e_vs_memcpy"])

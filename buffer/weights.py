@@ -21,9 +21,9 @@ imported only when packing or unpacking, so the registry actor (which only store
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def pack_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     bucket_bytes: int,
     dtype: torch.dtype | None = None,
-    staging: np.ndarray | None = None,
+    staging: np.ndarray | Callable[[int, int], np.ndarray] | None = None,
 ) -> Iterator[tuple[BucketSpec, np.ndarray]]:
     """Pack tensors, in order, into flat uint8 buckets of at most `bucket_bytes` each; yield them one by one.
 
@@ -117,16 +117,18 @@ def pack_buckets(
 
     `staging`: a 1-d uint8 array reused for every bucket that fits in it; such buckets are views of it, valid
     only until the next bucket is requested. Packing into freshly allocated memory pays a page fault per
-    4 KiB and runs at about a third of memcpy speed; a staging buffer kept across publishes does not.
+    4 KiB and runs at about a third of memcpy speed; a staging buffer kept across publishes does not. Or a
+    function (bucket index, size) -> a 1-d uint8 array of at least that size, for buckets that must all stay
+    valid (a publish that puts them later, on another thread).
     """
     import torch
 
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    if staging is not None and (staging.dtype != np.uint8 or staging.ndim != 1):
+    if isinstance(staging, np.ndarray) and (staging.dtype != np.uint8 or staging.ndim != 1):
         raise ValueError(f"staging must be a 1-d uint8 array, got {staging.dtype} {staging.shape}")
     pending: list[tuple[TensorSpec, torch.Tensor]] = []
-    used = 0
+    used = index = 0
     for name, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
             raise WeightsError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
@@ -134,13 +136,13 @@ def pack_buckets(
         nbytes = tensor.numel() * out_dtype.itemsize
         offset = _aligned(used)
         if pending and offset + nbytes > bucket_bytes:
-            yield _pack(pending, used, staging)
-            pending, offset = [], 0
+            yield _pack(pending, used, staging, index)
+            pending, offset, index = [], 0, index + 1
         spec = TensorSpec(name, dtype_name(out_dtype), tuple(tensor.shape), offset, nbytes)
         pending.append((spec, tensor))
         used = offset + nbytes
     if pending:
-        yield _pack(pending, used, staging)
+        yield _pack(pending, used, staging, index)
 
 
 def _view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -151,11 +153,16 @@ def _view(raw: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 
 def _pack(
-    pending: list[tuple[TensorSpec, torch.Tensor]], size: int, staging: np.ndarray | None
+    pending: list[tuple[TensorSpec, torch.Tensor]], size: int, staging: Any, index: int
 ) -> tuple[BucketSpec, np.ndarray]:
     import torch
 
-    buf = staging[:size] if staging is not None and staging.size >= size else np.empty(size, dtype=np.uint8)
+    if callable(staging):
+        buf = staging(index, size)[:size]
+    elif staging is not None and staging.size >= size:
+        buf = staging[:size]
+    else:
+        buf = np.empty(size, dtype=np.uint8)
     raw = torch.from_numpy(buf)
     for spec, tensor in pending:
         _view(raw, spec).copy_(tensor.detach())  # converts dtype, gathers strided layouts, device -> host

@@ -159,6 +159,14 @@ class RolloutWorker:
                 metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
             return None
 
+    def _registered(self, version: int, latest: int | None) -> bool:
+        """Is `version` in the registry yet? The learner moves its version before its background publish has
+        registered the weights: a worker admitted for them in between waits quietly (no fetch error)."""
+        if latest is not None and latest >= version:
+            return True
+        latest = self._latest()
+        return latest is not None and latest >= version
+
     def _admit(self, metrics: dict[str, float]) -> Admission | None:
         """Wait for a grant; None if stop() came first. Time spent here is rollout/idle_s."""
         t0 = time.perf_counter()
@@ -197,8 +205,9 @@ class RolloutWorker:
                 self.report(self.step, metrics)
             return None
         with self.engine_lock:  # the weights checked here are the weights that generate (see __init__)
-            failed = adm.required_version not in (None, self.engine.version) and not self._load(
-                adm.required_version, metrics)
+            req = adm.required_version
+            failed = req not in (None, self.engine.version) and (
+                not self._registered(req, latest) or not self._load(req, metrics))
             # UNKNOWN_VERSION: a load (ours or an eval's) failed half way; mixed weights are no policy
             if not failed and self.engine.version != UNKNOWN_VERSION:
                 return self._generate_admitted(adm, latest, metrics)

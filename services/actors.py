@@ -7,6 +7,7 @@ take plain arguments and callables and never import services.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -63,6 +64,7 @@ class LearnerActor:
             timeout_s=cfg.weights.timeout_s,
             metrics=metrics_logger(hub, "learner") if hub is not None and lead else None,
             pins=buffer.pinned_versions if buffer is not None else None,
+            background=cfg.weights.background,
         )
         self.learner = Learner(
             cfg.learner,
@@ -111,10 +113,18 @@ class LearnerActor:
             print(f"learner rank {self.rank} of {world}: pid {os.getpid()}", flush=True)  # which process is which
         version = self.learner.setup()
         self.publisher.publish(self.learner.trainer.engine, version)
+        self.publisher.flush()  # workers start by fetching this version
         return version
 
     def train(self, n_steps: int) -> dict[str, Any]:
-        return self.learner.train(n_steps)
+        try:
+            out = self.learner.train(n_steps)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the training error is the one to see
+                self.publisher.flush()
+            raise
+        self.publisher.flush()  # the newest version is registered before the driver evaluates it
+        return out
 
     def stop(self) -> None:
         """Ends a train() waiting for data (called on a second thread: the actor runs with max_concurrency=2)."""

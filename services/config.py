@@ -44,6 +44,11 @@ class WeightsConfig(BaseModel):
         "older versions whose slots are not filled yet (none beyond the newest two while workers keep up).",
     )
     bucket_mb: int = Field(64, ge=1, description="Weights travel in buckets of at most this size.")
+    background: bool = Field(
+        True, description="Publish off the learner's step: an update waits only for the copy of the weights into "
+        "host memory; the object-store put and the registration run on a thread while the next update trains "
+        "(two host copies of the model, used in turn). false: the update waits for the whole publish.",
+    )
     timeout_s: float = Field(120.0, gt=0, description="A publish or fetch slower than this is an error.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -186,6 +186,41 @@ def test_registry_keeps_the_last_k_and_serves_a_specific_version(registry):
 
 
 @pytest.mark.slow
+def test_a_background_publish_ships_the_weights_of_its_version_in_order_and_surfaces_failures(registry):
+    """publish() returns once the weights are copied to host memory; the put and the registration follow on a
+    thread. The update after it may change the parameters at once: every version still ships its own values,
+    the two host copies never mixed up, versions registered in order; a failure shows at the next call."""
+    fetcher = WeightsFetcher(registry, timeout_s=120)
+    model = Params({"a": torch.zeros(1000), "b": torch.zeros(300, 7)})
+    reported = []
+    pub = WeightPublisher(registry, bucket_mb=1, background=True, metrics=lambda s, v: reported.append((s, dict(v))))
+    seen_latest = []
+    for version in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(version)
+        stats = pub.publish(model, version)
+        assert stats.version == version and stats.kept is None  # the registry answers later
+        with torch.no_grad():  # the next update, while the put may still run
+            for p in model.parameters():
+                p.fill_(-1)
+        seen_latest.append(fetcher.latest_version())
+    pub.flush()
+    assert ray.get(registry.versions.remote()) == [3, 4, 5]  # keep_versions=3, registered in order
+    # when publish(v) returns, v - 1 is registered (they go in order); v may or may not be yet
+    assert all(version - 1 <= latest <= version for version, latest in zip(range(2, 6), seen_latest[1:]))
+    for version in (3, 4, 5):
+        got, out = _fetch_all(fetcher, version)
+        assert got == version and all(torch.equal(t, torch.full_like(t, float(version))) for t in out.values())
+    assert [s for s, _ in reported] == [1, 2, 3, 4, 5]
+    assert all(v["weights/put_s"] > 0 and v["weights/kept"] == min(s, 3) for s, v in reported)
+    ray.kill(registry)
+    pub.publish(model, 6)  # returns: the put and the registration have not run yet
+    with pytest.raises(WeightsError, match="version 6: the weight registry actor is gone"):
+        pub.flush()
+
+
+@pytest.mark.slow
 def test_fixed_staleness_keeps_two_weight_versions_whatever_s(ray_local, buffer_factory):
     """The paper's FIFO of rollouts: with s = 64, slot k is generated as soon as r(k) = k - 64 is published and
     waits in Redis until update k. The learner pins only the versions of slots not filled yet and runs update V
