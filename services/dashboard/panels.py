@@ -47,7 +47,10 @@ PANELS: tuple[Panel, ...] = (
     Panel("throughput", "Throughput", ("throughput/train_tokens_per_s", "rollout/tokens_per_s"),
           unit="tokens/s"),
     Panel("idle", "Idle time", ("learner/idle_s", "rollout/idle_s"), unit="s"),
-    Panel("weights", "Weight sync", ("weights/publish_s", "weights/fetch_s"), unit="s"),
+    Panel("weights", "Weight sync", ("weights/publish_s", "weights/put_s", "weights/fetch_s"), unit="s",
+          help="publish_s: what an update waits for; put_s: the part off the step (weights.background)."),
+    Panel("kept", "Weight versions kept", ("weights/kept",),
+          help="Newest weights.keep_versions plus the versions pinned for slots not filled yet (fixed)."),
     Panel("step_time", "Learner step time", ("time/step_s",), unit="s"),
     Panel("mismatch", "KL & train/inference mismatch", ("kl/k3", "mismatch/abs_logp_diff"), log_y=True),
 )
