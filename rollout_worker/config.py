@@ -24,6 +24,7 @@ class TaskConfig(BaseModel):
     answer_key: str | None = Field(None, description="math: the answer column (default: answer/final_answer/...).")
     arithmetic_max_operand: int = Field(29, ge=1, description="arithmetic: operands are drawn from [0, this].")
     arithmetic_ops: str = Field("+", description="arithmetic: the operators, any of '+-'.")
+    long_addition_digits: int = Field(3, ge=1, le=9, description="long_addition: digits of each operand.")
     reward_timeout_s: float = Field(5.0, gt=0)
     seed: int = 0
 

@@ -147,3 +147,40 @@ def test_score_in_process_fast_path_counts_errors() -> None:
     assert score(Broken(), [p, p], ["raise", "2"], timeout_s=1.0) == ([0.0, 1.0], 1)
     with pytest.raises(ValueError):
         score(task, [p], [], timeout_s=1.0)
+
+
+def test_long_addition_works_each_column_and_rewards_the_sum_only():
+    from rollout_worker.tasks.long_addition import LongAdditionTask, parse_sum, worked_sum
+    from rollout_worker.tiny_model import build_tokenizer
+
+    assert worked_sum(347, 589) == "7+9+0=16,4+8+1=13,3+5+1=9;936"
+    assert worked_sum(999, 1) == "9+1+0=10,9+0+1=10,9+0+1=10;1000"  # the last carry makes a fourth digit
+    task = LongAdditionTask()
+    prompts = task.eval_prompts()
+    assert len(prompts) == 200 and len({p.id for p in prompts}) == 200
+    held = {p.id for p in prompts}
+    assert not held & {p.id for p in itertools.islice(task.train_prompts(7), 2000)}
+    assert load_task(TaskConfig(name="long_addition", long_addition_digits=4)).digits == 4
+    tok = build_tokenizer()
+    lengths = []
+    for p in prompts:
+        a, b = map(int, p.id.split("+"))
+        good = worked_sum(a, b)
+        lengths.append(len(tok(good, add_special_tokens=False)["input_ids"]))
+        assert task.reward(p, good) == 1.0 and task.reward(p, good + "\nmore") == 1.0
+        assert task.reward(p, good.rsplit(";", 1)[0] + ";" + str(a + b + 1)) == 0.0  # the sum decides
+        assert task.reward(p, str(a + b)) == 0.0  # no work, no ';': not an answer
+    assert 20 <= min(lengths) and max(lengths) <= 40  # a long answer (the 20-40 tokens)
+    assert parse_sum("1+2+0=3;3") == "3" and parse_sum("no answer") is None
+
+
+def test_the_flawed_teacher_forgets_carries_and_sums_its_own_columns():
+    import random
+
+    from rollout_worker.tasks.long_addition import worked_sum
+
+    assert worked_sum(347, 589, carry_drop=1.0, rng=random.Random(0)) == "7+9+0=16,4+8+0=12,3+5+0=8;826"
+    assert worked_sum(123, 456, carry_drop=1.0, rng=random.Random(0)) == worked_sum(123, 456)  # no carry to drop
+    rng = random.Random(1)
+    wrong = sum(worked_sum(a, 589, 0.5, rng).endswith(f";{a + 589}") is False for a in range(100, 1000))
+    assert 200 < wrong < 800  # about half of the carry problems go wrong

@@ -1,6 +1,7 @@
 """Tasks (a prompt source + a reward function), chosen by name in `task.name`; and `score`.
 
-Built in: "arithmetic" (the CPU demo) and "math" (local JSONL/parquet + math-verify). Anything else is a plug-in
+Built in: "arithmetic" (the CPU demo), "long_addition" (worked column by column: a long answer whose few carry
+tokens decide it) and "math" (local JSONL/parquet + math-verify). Anything else is a plug-in
 path "package.module:function": the function is called with the TaskConfig (or with no argument if it takes
 none) and returns a Task.
 """
@@ -27,6 +28,11 @@ def load_task(cfg: TaskConfig) -> Task:
             eval_size=cfg.eval_size,
             template=cfg.prompt_template or "plain",
         )
+    if cfg.name == "long_addition":
+        from rollout_worker.tasks.long_addition import LongAdditionTask
+
+        return LongAdditionTask(digits=cfg.long_addition_digits, eval_size=cfg.eval_size,
+                                template=cfg.prompt_template or "plain")
     if cfg.name == "math":
         from rollout_worker.tasks.math_task import MathTask
 
@@ -41,7 +47,8 @@ def load_task(cfg: TaskConfig) -> Task:
             answer_key=cfg.answer_key,
         )
     if ":" not in cfg.name:
-        raise ValueError(f"unknown task {cfg.name!r}: use 'arithmetic', 'math' or a plug-in 'package.module:function'")
+        raise ValueError(f"unknown task {cfg.name!r}: use 'arithmetic', 'long_addition', 'math' or a plug-in "
+                         "'package.module:function'")
     return _load_plugin(cfg)
 
 
