@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,9 +68,26 @@ class WarmStart:
     # clear reward signal for RL to sharpen (RL cannot teach a model this small the carry rule itself in
     # minutes; it can flip a preference).
     carry_drop: float = 0.7
+    # "arithmetic" (the demo) or "long_addition" (the long-answer task: `digits`-digit operands, answers worked
+    # column by column; the flawed teacher drops each carry with probability carry_drop, and its sum follows
+    # its own columns).
+    task: str = "arithmetic"
+    digits: int = 3
 
 
 DEFAULT_WARM_START = WarmStart()
+# The long-answer task's warm start (docs/experiment-staleness.md). Greedy decoding then writes no carry, so it
+# answers the no-carry problems (~0.17 of 3-digit sums); sampled at T = 1 a problem with c carries is right with
+# probability ~0.4^c (~0.35 over the held-out set): a long trace of copied digits in which the carries are the
+# few pivotal tokens. Not tuned yet on every CPU: the build has not been measured (see the science issue's note).
+LONG_ADDITION_WARM_START = WarmStart(task="long_addition", steps=4000, carry_drop=0.6)
+
+
+def warm_start_for(task: str, digits: int = 3) -> WarmStart:
+    """The warm start that teaches `task` (the run's task.name): the demo's, or the long-answer task's."""
+    if task == "long_addition":
+        return replace(LONG_ADDITION_WARM_START, digits=digits)
+    return DEFAULT_WARM_START
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -126,11 +143,22 @@ def recipe_hash(seed: int, warm_start: WarmStart | None = DEFAULT_WARM_START) ->
         "seed": seed,
         "config": tiny_config(len(tok)).to_diff_dict(),
         "vocab": tok.backend_tokenizer.to_str(),
-        "warm_start": asdict(warm_start) if warm_start else None,
+        "warm_start": _recipe_fields(warm_start),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _recipe_fields(ws: WarmStart | None) -> dict | None:
+    """The warm start's fields as hashed: the task fields only when they are not the demo's, so that the demo's
+    cached builds stay valid (their bytes never depended on fields that did not exist yet)."""
+    if ws is None:
+        return None
+    fields = asdict(ws)
+    if ws.task == "arithmetic":
+        del fields["task"], fields["digits"]
+    return fields
 
 
 def build_tiny_model(
@@ -212,20 +240,32 @@ class _deterministic:
         torch.random.set_rng_state(self._rng)
 
 
-def _sft_batches(tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches of "a+b=" + answer + <eos>, prompt positions masked out (-100)."""
-    from rollout_worker.tasks.arithmetic import ArithmeticTask
-
-    stream = ArithmeticTask(max_operand=ws.max_operand, ops=ws.ops).train_prompts(ws.data_seed + seed)
+def _teacher(ws: WarmStart, seed: int) -> Iterator[tuple[str, str]]:
+    """Endless (prompt, the flawed teacher's answer) pairs of the warm start's task (training prompts only)."""
     rng = random.Random(ws.data_seed + seed)
+    if ws.task == "long_addition":
+        from rollout_worker.tasks.long_addition import LongAdditionTask, worked_sum
+
+        for p in LongAdditionTask(digits=ws.digits).train_prompts(ws.data_seed + seed):
+            a, b = (int(x) for x in p.id.split("+"))
+            yield p.text, worked_sum(a, b, carry_drop=ws.carry_drop, rng=rng)
+    elif ws.task == "arithmetic":
+        from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+        for p in ArithmeticTask(max_operand=ws.max_operand, ops=ws.ops).train_prompts(ws.data_seed + seed):
+            yield p.text, _without_carries(p.text) if rng.random() < ws.carry_drop else p.answer
+    else:
+        raise ValueError(f"no warm start for task {ws.task!r}: arithmetic or long_addition")
+
+
+def _sft_batches(tok: PreTrainedTokenizerFast, ws: WarmStart, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (input_ids, labels) batches of prompt + answer + <eos>, prompt positions masked out (-100)."""
+    stream = _teacher(ws, seed)
     while True:
         rows = []
         for _ in range(ws.batch_size):
-            p = next(stream)
-            target = p.answer
-            if rng.random() < ws.carry_drop:
-                target = _without_carries(p.text)
-            prompt = tok(p.text)["input_ids"]
+            text, target = next(stream)
+            prompt = tok(text)["input_ids"]
             answer = tok(target, add_special_tokens=False)["input_ids"] + [EOS_ID]
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
         width = max(len(ids) for ids, _ in rows)

@@ -103,11 +103,14 @@ def build_tiny(
     out: Path = typer.Option(Path(".cache/staleflow/tiny-model"), "--out"),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching build is cached."),
+    task: str = typer.Option("arithmetic", "--task", help="The task its warm start teaches: arithmetic or "
+                             "long_addition."),
+    digits: int = typer.Option(3, "--digits", help="long_addition: digits of each operand."),
 ) -> None:
     """Build (or reuse) the deterministic tiny Qwen2 model for CPU runs."""
-    from rollout_worker.tiny_model import ensure_tiny_model
+    from rollout_worker.tiny_model import ensure_tiny_model, warm_start_for
 
-    typer.echo(ensure_tiny_model(out, seed=seed, force=force))
+    typer.echo(ensure_tiny_model(out, seed=seed, force=force, warm_start=warm_start_for(task, digits)))
 
 
 @app.command()

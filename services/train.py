@@ -249,10 +249,13 @@ def resolve_model(cfg: Config) -> str:
             raise SystemExit(f"model.path {cfg.model.path}: no such folder here; on a cluster, give the absolute path "
                              "the learner and rollout nodes have it at")
         return str(path)
-    from rollout_worker.tiny_model import ensure_tiny_model
+    from rollout_worker.tiny_model import ensure_tiny_model, warm_start_for
 
+    # The warm start teaches the run's task; each task's build has its own folder (no rebuild when switching).
+    ws = warm_start_for(cfg.task.name, cfg.task.long_addition_digits)
+    folder = cfg.model.tiny_dir if ws.task == "arithmetic" else f"{cfg.model.tiny_dir}-{ws.task}{ws.digits}"
     with console.status("building the tiny CPU model (once; cached)"):
-        return str(Path(ensure_tiny_model(Path(cfg.model.tiny_dir), seed=cfg.model.tiny_seed)).resolve())
+        return str(Path(ensure_tiny_model(Path(folder), seed=cfg.model.tiny_seed, warm_start=ws)).resolve())
 
 
 def run_cfg(cfg: Config) -> Config:

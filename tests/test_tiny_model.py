@@ -11,8 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rollout_worker.tiny_model import (
     EOS_ID,
     STAMP,
+    DEFAULT_WARM_START,
     WarmStart,
+    _sft_batches,
     _without_carries,
+    recipe_hash,
+    warm_start_for,
     build_tiny_model,
     build_tokenizer,
     ensure_tiny_model,
@@ -35,6 +39,39 @@ def test_flawed_teacher_drops_only_carries() -> None:
     assert _without_carries("12+7=") == "19"  # no carry: the right answer
     assert _without_carries("18+5=") == "13"  # carry dropped (right: 23)
     assert _without_carries("23-5=") == "28"  # borrow dropped (right: 18)
+
+
+def test_the_long_addition_warm_start_teaches_worked_sums_with_some_carries_dropped() -> None:
+    """The long task's teacher: every answer is a worked sum of its prompt's operands, the prompt masked out of
+    the loss; some carries dropped (at carry_drop = 0.6 about 60% of them), so the model learns both ways."""
+    from rollout_worker.tasks.long_addition import LongAdditionTask, worked_sum
+
+    ws = warm_start_for("long_addition", 3)
+    assert (ws.task, ws.digits) == ("long_addition", 3) and warm_start_for("arithmetic") == DEFAULT_WARM_START
+    assert recipe_hash(0, ws) != recipe_hash(0)  # its own build, its own cache stamp
+    tok = build_tokenizer()
+    ids, labels = next(_sft_batches(tok, ws, seed=0))
+    held = {p.id for p in LongAdditionTask(digits=3).eval_prompts()}
+    carries = dropped = 0
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        answer_at = next(i for i, x in enumerate(lab) if x != -100)
+        prompt = tok.decode(row[:answer_at], skip_special_tokens=True)
+        answer = tok.decode([x for x in lab[answer_at:] if x not in (-100, EOS_ID)])
+        assert prompt.endswith("=") and prompt[:-1] not in held  # training prompts only
+        a, b = (int(x) for x in prompt[:-1].split("+"))
+        right = worked_sum(a, b)
+        assert answer.split(";")[0].count(",") == 2 and len(answer) >= 25  # three columns worked
+        # a step's carry-in is the previous step's tens digit, and the last step's tens digit leads the sum,
+        # unless the teacher dropped that carry
+        steps, total = answer.split(";")
+        sums = [int(s.split("=")[1]) for s in steps.split(",")]
+        carry_in = [int(s.split("=")[0].split("+")[2]) for s in steps.split(",")]
+        lost = [prev >= 10 and cin == 0 for prev, cin in zip(sums, carry_in[1:])]
+        lost.append(sums[-1] >= 10 and int(total) < 10 ** len(sums))  # the carry out of the last column
+        carries += sum(prev >= 10 for prev in sums)
+        dropped += sum(lost)
+        assert (answer == right) == (not any(lost)), (answer, right)
+    assert carries > 20 and 0.35 < dropped / carries < 0.85, (carries, dropped)
 
 
 @pytest.fixture(scope="module")
