@@ -125,6 +125,9 @@ class StalenessBuffer:
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
         self._last_claim = 0.0
         self._filled_slots: set[int] = set()  # fixed: slots seen filled (they stay filled), not asked again
+        # the accounting scripts see adaptive as what it is to them: bounded (only admission reads the bound)
+        self._lua_policy = "bounded" if cfg.policy == "adaptive" else cfg.policy
+        self._bound = cfg.max_staleness  # the bound in force (adaptive: as of the last pull)
         self._ensure_group()
 
     def _grants(self, worker_id: str) -> str:
@@ -167,7 +170,7 @@ class StalenessBuffer:
         """n XADDs + one accounting script for all of them, queued on a MULTI pipeline: together atomic (PUSH_LUA)."""
         c = self.cfg
         keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
-        args: list = [worker_id, c.capacity_groups, c.policy, len(groups)]
+        args: list = [worker_id, c.capacity_groups, self._lua_policy, len(groups)]
         for payload, group in zip(payloads, groups):
             slot = "-" if group.slot is None else str(group.slot)
             fills = c.policy == "fixed" and fills_slot(group.slot, group.version_min, group.version_max,
@@ -221,7 +224,7 @@ class StalenessBuffer:
 
     def release(self, worker_id: str) -> int:
         """Give back the grants `worker_id` has not pushed (call when that worker restarts). Returns how many."""
-        return int(self._release(keys=[self._grants(worker_id), self.k_state, self.k_slots], args=[self.cfg.policy]))
+        return int(self._release(keys=[self._grants(worker_id), self.k_state, self.k_slots], args=[self._lua_policy]))
 
     # ---------------- learner side ----------------
 
@@ -231,6 +234,20 @@ class StalenessBuffer:
 
     def version(self) -> int:
         return int(self.r.hget(self.k_state, "version") or 0)
+
+    def bound(self) -> int:
+        """The staleness bound in force: adaptive, the controller's last; otherwise max_staleness."""
+        if self.cfg.policy != "adaptive":
+            return self.cfg.max_staleness
+        raw = self.r.hget(self.k_state, "bound")
+        return int(raw) if raw is not None else self.cfg.max_staleness
+
+    def set_bound(self, bound: int) -> None:
+        """adaptive: the learner's controller moves the bound; admission and the learner's rule read it."""
+        if self.cfg.policy != "adaptive":
+            raise ValueError(f"set_bound is the adaptive policy's; this buffer's is {self.cfg.policy}")
+        self.r.hset(self.k_state, "bound", int(bound))
+        self._bound = int(bound)
 
     def pinned_versions(self) -> list[int]:
         """fixed: the published versions that must stay fetchable, because a grantable slot they generate is not
@@ -273,12 +290,13 @@ class StalenessBuffer:
         held = len(self._pool) + len(self._delivered)
         want = n_groups - len(self._pool)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.k_state, "version")
+        pipe.hmget(self.k_state, "version", "bound")
         pipe.xpending(self.k_stream, GROUP)
         if want > 0:
             pipe.xreadgroup(GROUP, consumer, {self.k_stream: ">"}, count=want)
-        version_raw, pending, *first = pipe.execute()
+        (version_raw, bound_raw), pending, *first = pipe.execute()
         version = int(version_raw or 0)
+        self._bound = int(bound_raw) if bound_raw is not None else self.cfg.max_staleness
         # Entries pending in this consumer that this instance does not hold: a restarted learner's, or a
         # XREADGROUP whose reply was lost (redis-py retried it after a dropped connection). Read them again, oldest
         # first; that re-read includes what the first read just delivered (it is pending here now).
@@ -408,7 +426,7 @@ class StalenessBuffer:
         dropped: list[tuple[str, str, _Pooled]] = []
         for eid, item in list(self._pool.items()):
             g = item.group
-            verdict, reason = decide(c.policy, version, c.max_staleness, g.version_min, g.version_max, g.slot,
+            verdict, reason = decide(c.policy, version, self._bound, g.version_min, g.version_max, g.slot,
                                      c.updates_per_batch)
             if verdict is Verdict.DROP:
                 dropped.append((eid, reason or "dropped", self._pool.pop(eid)))
@@ -461,7 +479,7 @@ class StalenessBuffer:
         """Ack + delete an entry that will not be trained on, count it, give its admission place back (only if
         it was pushed through push(), i.e. has a worker) and dead-letter it if `dead`; idempotent (DISCARD_LUA)."""
         keys = [self.k_stream, self.k_counts, self.k_state, self.k_slots, self.k_dead]
-        args = [GROUP, eid, counter, self.cfg.policy, worker or "", slot or "", *(dead or [])]
+        args = [GROUP, eid, counter, self._lua_policy, worker or "", slot or "", *(dead or [])]
         self._discard_entry(keys=keys, args=args, client=pipe)
 
     def _dead_letter(self, eid: str, bad: MalformedEntry, raw: bytes, worker: str | None, slot: str | None) -> None:
@@ -510,7 +528,7 @@ class StalenessBuffer:
         oldest_age = (now_ms - int(oldest[0][0].split(b"-")[0])) / 1000 if oldest else None
         return BufferStats(
             policy=c.policy,
-            max_staleness=c.max_staleness,
+            max_staleness=int(state[b"bound"]) if c.policy == "adaptive" and b"bound" in state else c.max_staleness,
             learner_version=int(state.get(b"version", 0)),
             depth=depth,
             pending=pending["pending"],

@@ -49,6 +49,10 @@ A group's staleness when consumed at V is `V - group.version_min` (its oldest to
     next slot: time per update = max(generate, train)); it only makes update 1 wait for the s + 1 prefill slots.
 
 `unbounded`: take everything, drop nothing, measure everything. Admission always grants.
+
+`adaptive`: `bounded` with s read from P:state `bound`, which the learner's controller moves with the measured
+drift and idle time (buffer/adaptive.py has the rule); until it first moves, s = max_staleness. A group admitted
+under a larger bound than the one in force when it is consumed is dropped as too_stale, like any other.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-Policy = Literal["bounded", "fixed", "unbounded"]
+Policy = Literal["bounded", "fixed", "unbounded", "adaptive"]
 
 
 class Verdict(str, Enum):
@@ -101,7 +105,7 @@ def decide(
     item is the drop reason."""
     if policy == "unbounded":
         return Verdict.TAKE, None
-    if policy == "bounded":
+    if policy in ("bounded", "adaptive"):  # adaptive: max_staleness is the bound in force
         if staleness(version, version_min) > max_staleness:
             return Verdict.DROP, "too_stale"
         return Verdict.TAKE, None
@@ -130,6 +134,9 @@ if last then
   if prev[1] == ARGV[6] then return {prev[2], prev[3], prev[4], prev[5]} end
 end
 local policy, s, B, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if policy == 'adaptive' then  -- bounded, with the bound the learner's controller last set (ARGV: the start)
+  policy, s = 'bounded', tonumber(redis.call('HGET', KEYS[1], 'bound') or ARGV[2])
+end
 local V = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local granted, slot, req = 0, -1, -1
 if policy == 'fixed' then

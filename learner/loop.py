@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from buffer.adaptive import BoundController, Signals
 from buffer.trajectory import TrajectoryGroup, decode_group, encode_group
 from learner.checkpoint import CheckpointManager
 from learner.config import LearnerConfig
@@ -152,6 +153,7 @@ class Learner:
         self.last_checkpoint: int | None = None
         self.last_stats: dict[str, Any] = {}
         self._stop = threading.Event()  # set from another thread (a threaded Ray actor) to end train() early
+        self.controller: BoundController | None = None  # rank 0, policy=adaptive
 
     def setup(self) -> int:
         """Build the engine, resume from the newest checkpoint if any. Returns the policy version."""
@@ -168,6 +170,9 @@ class Learner:
             log.info("resumed from checkpoint v%d (%d entries acked)", state.version, len(state.unacked_ids))
         if self.lead:
             self.buffer.set_version(self.trainer.version)
+            if getattr(getattr(self.buffer, "cfg", None), "policy", None) == "adaptive":
+                # the adaptive policy's bound follows what this learner measures (buffer/adaptive.py)
+                self.controller = BoundController(self.buffer.cfg.adaptive, self.buffer.bound())
         return self.trainer.version
 
     @property
@@ -245,6 +250,8 @@ class Learner:
                         "resumed_from": self.resumed_from,
                     }
                 )
+            if self.controller is not None:
+                self._steer(version, stats)
             if self.publish is not None and version % self.publish_every == 0:
                 t0 = time.perf_counter()
                 published = self.publish(version, self.trainer.named_tensors())
@@ -257,6 +264,20 @@ class Learner:
             if self.report is not None and self.lead:
                 self.report(version, stats)
         return self.last_stats
+
+    def _steer(self, version: int, stats: dict[str, Any]) -> None:
+        """adaptive: feed the update's measurements to the controller; apply and log a change of the bound."""
+        signals = Signals(idle_s=float(stats.get("learner/idle_s") or 0.0), step_s=float(stats.get("time/step_s") or 0.0),
+                          masked_fraction=float(stats.get("loss/masked_fraction") or 0.0),
+                          m2_before=float(stats.get("m2po/m2_before") or 0.0))
+        change = self.controller.observe(version, signals)
+        if change is not None:
+            self.buffer.set_bound(change.new)
+            log.info("adaptive staleness: bound %d -> %d at v%d (%s: learner idle %.2f, masked %.4f, M2 %.3g)",
+                     change.old, change.new, version, change.reason, change.idle, change.masked, change.m2)
+            with open(self.run_dir / "adaptive.jsonl", "a") as f:
+                f.write(json.dumps(asdict(change), separators=(",", ":")) + "\n")
+        stats["staleness/bound"] = self.controller.bound
 
     def stop(self) -> None:
         """End a train() that waits for data (its current update is abandoned, nothing is lost). Thread-safe."""

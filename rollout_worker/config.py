@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator, model_validator
 
 
 class TaskConfig(BaseModel):
@@ -52,6 +52,8 @@ class RolloutConfig(BaseModel):
     cpu_kvcache_gib: int = Field(1, ge=1)
     cpu_threads: int = Field(1, ge=1, description="Torch/OMP threads of a CPU engine.")
     max_restarts: int = Field(3, ge=0)
+    delay_s: list[NonNegativeFloat] = Field(default_factory=list, description="Extra seconds worker i waits after each batch "
+                                 "(delay_s[i % len]): a slower, uneven rollout side for experiments, e.g. [0, 2].")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine spans (vLLM's Ray executor).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "SPREAD", description="How the workers' placement group spreads them over nodes (SPREAD: one per node "

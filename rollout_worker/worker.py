@@ -69,6 +69,7 @@ class RolloutWorker:
         report: Report | None = None,
         admit_wait_s: float = 0.05,
         prompts: Iterator[Prompt] | None = None,
+        delay_s: float = 0.0,
     ):
         self.engine = engine
         self.task = task
@@ -80,6 +81,7 @@ class RolloutWorker:
         self.fetch = fetch
         self.report = report or (lambda step, values: None)
         self.admit_wait_s = admit_wait_s
+        self.delay_s = delay_s  # rollout.delay_s: an experiment's slow worker
         self.step = 0
         self._stop = threading.Event()
         # Held from "these are the weights this batch needs" until its generation ends, and by anyone else who
@@ -118,6 +120,8 @@ class RolloutWorker:
                     if batch is not None:
                         started += 1
                         pending = pool.submit(self._finish, batch)
+                        if self.delay_s:
+                            self._stop.wait(self.delay_s)
             finally:
                 if pending is not None:
                     pending.result()

@@ -37,6 +37,13 @@ def _buffer(cfg: Config, redis: RedisEndpoint) -> StalenessBuffer:
     return StalenessBuffer(connect(redis.url, redis.password), cfg.buffer)
 
 
+def _delay(delays: list[float], worker_id: str) -> float:
+    """rollout.delay_s[i % len] for worker "worker-<i>"."""
+    if not delays:
+        return 0.0
+    return delays[int(worker_id.rsplit("-", 1)[1]) % len(delays)]
+
+
 class LearnerActor:
     """One learner rank (DeepSpeed) as an actor: rendezvous / setup / train(n) / checkpoint / save_final.
 
@@ -179,6 +186,7 @@ class RolloutActor:
             get_latest=self.fetcher.latest_version,
             fetch=self.fetcher.fetch,  # its refs go to the engine's processes, which pull the buckets themselves
             report=logger,
+            delay_s=_delay(cfg.rollout.delay_s, worker_id),
         )
 
     def pid(self) -> int:

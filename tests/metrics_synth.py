@@ -18,7 +18,7 @@ LEARNER_NAMES = [
     "loss/clip_fraction", "m2po/m2_before", "m2po/m2_after", "m2po/tau", "ratio/max", "kl/k3", "reward/mean",
     "advantage/zero_groups", "throughput/train_tokens_per_s", "time/step_s", "weights/publish_s",
     "mismatch/abs_logp_diff", "learner/idle_s", "entropy", "entropy/removed", "ratio/ess_fraction",
-    "weights/put_s", "weights/kept",
+    "weights/put_s", "weights/kept", "staleness/bound",
 ]
 ROLLOUT_NAMES = [
     "rollout/tokens_per_s", "rollout/version_lag", "rollout/batch_s", "rollout/reward_errors",
@@ -77,6 +77,7 @@ def feed_run(hub: MetricsHub, steps: int = 30, seed: int = 0, start: float | Non
             "entropy": 0.9 - 0.01 * step, "entropy/removed": 1.6 + 0.2 * rng.random(),
             "ratio/ess_fraction": 0.98 - 0.005 * mean,
             "weights/put_s": 0.05 + 0.02 * rng.random(), "weights/kept": 1 + rng.randint(0, 1),
+            "staleness/bound": 2 + step // 20,
         })
         if step % 5 == 0:
             accuracy = 0.15 + 0.4 * (1 - math.exp(-step / 15))

@@ -9,17 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout_worker.tiny_model import (
+    DEFAULT_WARM_START,
     EOS_ID,
     STAMP,
-    DEFAULT_WARM_START,
     WarmStart,
     _sft_batches,
     _without_carries,
-    recipe_hash,
-    warm_start_for,
     build_tiny_model,
     build_tokenizer,
     ensure_tiny_model,
+    recipe_hash,
+    warm_start_for,
 )
 
 SHORT = WarmStart(steps=3, batch_size=8)

@@ -49,6 +49,9 @@ PANELS: tuple[Panel, ...] = (
     Panel("idle", "Idle time", ("learner/idle_s", "rollout/idle_s"), unit="s"),
     Panel("weights", "Weight sync", ("weights/publish_s", "weights/put_s", "weights/fetch_s"), unit="s",
           help="publish_s: what an update waits for; put_s: the part off the step (weights.background)."),
+    Panel("bound", "Staleness bound (adaptive)", ("staleness/bound", "staleness/max"),
+          help="buffer.policy=adaptive: the bound the controller sets from drift and idle time "
+               "(runs/<name>/adaptive.jsonl has each change and why), beside the staleness trained on."),
     Panel("kept", "Weight versions kept", ("weights/kept",),
           help="Newest weights.keep_versions plus the versions pinned for slots not filled yet (fixed)."),
     Panel("step_time", "Learner step time", ("time/step_s",), unit="s"),

@@ -1,0 +1,104 @@
+"""Adaptive staleness: the `adaptive` policy's bound s(t), moved by what the learner measures.
+
+`adaptive` is `bounded` (buffer/staleness.py) whose bound s lives in Redis (P:state `bound`) and moves. Once
+every `window` updates the learner (rank 0) feeds this controller the window's means and applies its answer:
+
+    idle   = sum(learner/idle_s) / sum(learner/idle_s + time/step_s)   the share of time the learner waited
+    masked = mean(loss/masked_fraction)      (M2PO's masked tokens; clip losses: their clip fraction)
+    m2     = mean(m2po/m2_before)            (0 for losses that do not measure it)
+
+    drift  = masked > target_masked  or  (target_m2 is set and m2 > target_m2)
+    s'     = max(s_min, s // 2)          if drift                                   ("drift")
+             min(s_max, s + 1)           elif idle > idle_target and masked <= target_masked / 2   ("idle")
+             s                           otherwise
+
+Additive increase, multiplicative decrease (TCP's rule): a bound that let the data drift too far is cut fast,
+throughput is bought back one step at a time. The dead band between `target_masked / 2` and `target_masked`
+and one decision per window keep it from oscillating: under steady signals it moves monotonically to a bound
+(or s_min / s_max) and stays there. Every change is returned with its reason and the window's signals, for
+the run's log (runs/<name>/adaptive.jsonl). Pure: no Redis, no clock; tests feed it synthetic signals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AdaptiveConfig(BaseModel):
+    """`buffer.adaptive`: the controller's bounds and targets (read only by policy=adaptive)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_staleness: int = Field(1, ge=0, description="The lowest bound the controller sets.")
+    max_staleness: int = Field(6, ge=0, description="The highest bound (capacity_groups must hold it: (6 + 1) x 16 "
+                               "= 112 <= 128 with the default batch).")
+    target_masked: float = Field(0.05, ge=0, le=1, description="Cut the bound when the masked (or clipped) "
+                                 "token fraction exceeds this; raise it only below half of it.")
+    target_m2: float | None = Field(None, ge=0, description="Also cut when M2 before masking exceeds this.")
+    idle_target: float = Field(0.2, ge=0, le=1, description="Raise the bound when the learner waits for data "
+                               "more than this share of its time.")
+    window: int = Field(5, ge=1, description="Updates per decision.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveConfig:
+        if self.min_staleness > self.max_staleness:
+            raise ValueError(f"buffer.adaptive.min_staleness={self.min_staleness} is above "
+                             f"max_staleness={self.max_staleness}")
+        return self
+
+
+@dataclass(frozen=True)
+class Signals:
+    """One update's measurements (the learner's metrics of that update)."""
+
+    idle_s: float
+    step_s: float
+    masked_fraction: float
+    m2_before: float = 0.0
+
+
+@dataclass(frozen=True)
+class BoundChange:
+    version: int
+    old: int
+    new: int
+    reason: str  # "drift" | "idle"
+    idle: float
+    masked: float
+    m2: float
+
+
+class BoundController:
+    """s(t) for the adaptive policy: `observe` once per update; a BoundChange when the bound moves."""
+
+    def __init__(self, cfg: AdaptiveConfig, bound: int):
+        self.cfg = cfg
+        self.bound = min(max(bound, cfg.min_staleness), cfg.max_staleness)
+        self._window: list[Signals] = []
+
+    def observe(self, version: int, signals: Signals) -> BoundChange | None:
+        self._window.append(signals)
+        if len(self._window) < self.cfg.window:
+            return None
+        w, self._window = self._window, []
+        busy = sum(s.idle_s + s.step_s for s in w)
+        idle = sum(s.idle_s for s in w) / busy if busy > 0 else 0.0
+        masked = sum(s.masked_fraction for s in w) / len(w)
+        m2 = sum(s.m2_before for s in w) / len(w)
+        c = self.cfg
+        if masked > c.target_masked or (c.target_m2 is not None and m2 > c.target_m2):
+            new, reason = max(c.min_staleness, self.bound // 2), "drift"
+        elif idle > c.idle_target and masked <= c.target_masked / 2:
+            new, reason = min(c.max_staleness, self.bound + 1), "idle"
+        else:
+            return None
+        if new == self.bound:
+            return None
+        change = BoundChange(version, self.bound, new, reason, idle, masked, m2)
+        self.bound = new
+        return change
+
+
+__all__ = ["AdaptiveConfig", "BoundChange", "BoundController", "Signals"]
