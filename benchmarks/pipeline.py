@@ -37,7 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks._stdout import stdout_to_stderr  # noqa: E402
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def _accelerator() -> str:
+    """cuda where a GPU is visible (the same script on a GPU machine, with a GPU config), else cpu."""
+    return "cuda" if shutil.which("nvidia-smi") and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "cpu"
+
+
+os.environ.setdefault("DS_ACCELERATOR", _accelerator())
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout: keep it JSON only
 
 

@@ -79,8 +79,10 @@ def gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 3)
 
 
-def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
-    source = transformer_like(size_mb)  # float32, like the learner's master weights
+def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str, device: str = "cpu") -> dict:
+    # float32, like the learner's master weights; on a GPU machine on the GPU, so that the baseline and the
+    # publish both include the device-to-host copy
+    source = {n: t.to(device) for n, t in transformer_like(size_mb).items()}
     receiver = {n: torch.empty_like(t, dtype=getattr(torch, dtype)) for n, t in source.items()}
     nbytes = sum(t.numel() * t.element_size() for t in receiver.values())  # bytes that travel
     model = as_module(source)
@@ -89,6 +91,8 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
         t0 = time.perf_counter()
         for name, t in source.items():
             receiver[name].copy_(t)
+        if device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     memcpy()  # first touch of the receiver's pages
@@ -113,7 +117,7 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str) -> dict:
                 publish.append(t1 - t0)
                 memcpy_s.append(memcpy())  # interleaved: both see the same machine load
         # it did move the weights
-        assert all(torch.equal(receiver[n], t.to(receiver[n].dtype)) for n, t in source.items())
+        assert all(torch.equal(receiver[n], t.to("cpu", receiver[n].dtype)) for n, t in source.items())
         background = WeightPublisher(registry, bucket_mb=bucket_mb, dtype=dtype, timeout_s=600, background=True)
         wait, memcpy_bg = [], []
         for rep in range(KEEP_VERSIONS + 1 + reps):
@@ -153,11 +157,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="rollout dtype; bfloat16: the baseline is the converting copy fp32 -> bf16")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the learner's weights live (auto: cuda when a GPU is visible)")
     args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:
-        results = [bench(size, args.bucket_mb, args.reps, args.dtype) for size in args.sizes_mb]
+        results = [bench(size, args.bucket_mb, args.reps, args.dtype, device) for size in args.sizes_mb]
     finally:
         ray.shutdown()
     print(json.dumps({
@@ -166,6 +173,7 @@ def main() -> None:
                 " float32 learner weights, vs copying the same tensors directly (memcpy, converting when the"
                 " rollout dtype differs); steady state, medians of reps",
         "rollout_dtype": args.dtype,
+        "device": device,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "ray": ray.__version__, "torch_threads": torch.get_num_threads()},
         "keep_versions": KEEP_VERSIONS,
