@@ -30,7 +30,24 @@ def _where() -> dict[str, Any]:
     import ray
 
     ctx = ray.get_runtime_context()
-    return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def _normal_priority(role: str) -> None:
+    """Run at nice 0. Ray starts its workers at nice 15 (its `worker_niceness`, for idle pooled workers), and our
+    learner and engines are those workers: on a node with any other busy process (a data loader, another job, a
+    test's load) they got a few percent of a core (measured: two nice-0 busy loops slowed the suite's multi-process
+    tests ~20x). A local Ray is started with worker_niceness 0 (services/launcher.py); on a cluster started
+    without it the actor lowers its own niceness, which needs CAP_SYS_NICE (root has it; a container may not)."""
+    if os.getpriority(os.PRIO_PROCESS, 0) <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        log.warning("%s runs at nice %d (Ray's worker_niceness) and may not lower it: any other busy process on "
+                    "this node takes the CPU first; start Ray with RAY_worker_niceness=0", role,
+                    os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def _buffer(cfg: Config, redis: RedisEndpoint) -> StalenessBuffer:
@@ -57,6 +74,7 @@ class LearnerActor:
         from learner.loop import Learner
         from learner.publisher import WeightPublisher
 
+        _normal_priority(f"learner rank {rank}")
         self.cfg = cfg
         self.model_dir = model_dir
         self.rank = rank
@@ -165,6 +183,7 @@ class RolloutActor:
         from rollout_worker.weights import WeightsFetcher
         from rollout_worker.worker import RolloutWorker
 
+        _normal_priority(worker_id)  # before the engine: its processes inherit it
         self.cfg = cfg
         self.worker_id = worker_id
         self.engine = build_engine(model_dir, cfg.rollout)

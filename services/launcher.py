@@ -62,6 +62,8 @@ def start_ray(cfg: Config, stack: ExitStack) -> bool:
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
+        # Ray starts workers at nice 15; ours are the learner and the engines (see services/actors.py)
+        _system_config={"worker_niceness": 0},
         **common,
     )
     stack.callback(ray.shutdown)

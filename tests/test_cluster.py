@@ -52,6 +52,8 @@ def check_placement_and_transfers(cluster: RayCluster, run_dir: Path, before: di
     assert len({r["node_id"] for r in learners}) == 1, "the ranks are packed on the learner node"
     assert {role_of[r["node_id"]] for r in rollouts} == {"rollout"}, rows
     assert len({r["node_id"] for r in rollouts}) == 2, "SPREAD: both rollout nodes have a worker"
+    # `ray start` leaves Ray's worker niceness at 15: the actors lower their own to 0
+    assert all(r["nice"] == 0 for r in rows if r["pid"] is not None), rows
 
     # Each version's bytes, and who holds what: rank 0 put every published version on the learner node; each
     # rollout node pulled each version that a worker there loaded, once.

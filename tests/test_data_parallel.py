@@ -43,6 +43,8 @@ TWO = ["learner.num_processes=2", "cluster.num_cpus=3"]  # 2 learner ranks + 1 w
 def ranks(run_dir: Path) -> list[dict]:
     """The run's learner ranks: [{rank, pid, node_id, ...}] (placement.json, written once every rank is set up)."""
     rows = json.loads((run_dir / "placement.json").read_text())
+    # the local Ray starts its workers at nice 0, not Ray's 15: a busy process elsewhere must not starve a rank
+    assert all(r["nice"] == 0 for r in rows if r["pid"] is not None), rows
     return [{"rank": r["index"], **r} for r in rows if r["role"] == "learner"]
 
 

@@ -214,7 +214,7 @@ def test_a_background_publish_ships_the_weights_of_its_version_in_order_and_surf
         assert got == version and all(torch.equal(t, torch.full_like(t, float(version))) for t in out.values())
     assert [s for s, _ in reported] == [1, 2, 3, 4, 5]
     assert all(v["weights/put_s"] > 0 and v["weights/kept"] == min(s, 3) for s, v in reported)
-    ray.kill(registry)
+    _kill_and_wait(registry)
     pub.publish(model, 6)  # returns: the put and the registration have not run yet
     with pytest.raises(WeightsError, match="version 6: the weight registry actor is gone"):
         pub.flush()
@@ -301,19 +301,24 @@ def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
 
 
 @pytest.mark.slow
-def test_a_dead_registry_is_a_clear_error(registry):
-    name = ray.get(registry.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
-    assert get_registry(NAMESPACE, name)._actor_id == registry._actor_id
-    ray.kill(registry)  # returns before the actor is dead: wait for the death, as the product will see it
+def _kill_and_wait(actor) -> None:  # noqa: ANN001
+    """ray.kill returns before the actor is dead: wait for the death, as the product will see it."""
+    ray.kill(actor)
     deadline = time.monotonic() + 120
     while True:
         try:
-            ray.get(registry.__ray_ready__.remote(), timeout=30)
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
         except ray.exceptions.RayActorError:
-            break
+            return
         except ray.exceptions.GetTimeoutError:  # dying: ask again
             pass
-        assert time.monotonic() < deadline, "the killed registry still answers after 120 s"
+        assert time.monotonic() < deadline, "the killed actor still answers after 120 s"
+
+
+def test_a_dead_registry_is_a_clear_error(registry):
+    name = ray.get(registry.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
+    assert get_registry(NAMESPACE, name)._actor_id == registry._actor_id
+    _kill_and_wait(registry)
     fetcher = WeightsFetcher(registry, timeout_s=10)
     with pytest.raises(WeightsError, match="registry actor is gone"):
         fetcher.latest_version()
