@@ -8,10 +8,9 @@ overlap whatever the training seed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rollout_worker.tasks.base import Prompt
+from rollout_worker.tasks.base import DrawnPrompts, Prompt
 from rollout_worker.tasks.templates import render
 
 # The eval set is drawn with this seed, independent of training seeds, so it is the same for every run.
@@ -19,12 +18,13 @@ EVAL_SEED = 1_000_003
 
 
 @dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(DrawnPrompts):
     name: str = "arithmetic"
     max_operand: int = 29  # operands are drawn uniformly from [0, max_operand]
     ops: str = "+"  # any of "+-"; "-" keeps a >= b so answers stay non-negative
     eval_size: int = 200
     template: str = "plain"  # a bundled template name or a format string with {question}
+    eval_seed = EVAL_SEED
     reward_in_process = True  # exact string match: pure and O(len(response)), see tasks.base
 
     def __post_init__(self) -> None:
@@ -44,25 +44,6 @@ class ArithmeticTask:
             a, b = b, a
         value = a + b if op == "+" else a - b
         return Prompt(id=f"{a}{op}{b}", text=render(self.template, f"{a}{op}{b}="), answer=str(value))
-
-    def eval_prompts(self) -> list[Prompt]:
-        return list(self._eval_by_id().values())
-
-    def _eval_by_id(self) -> dict[str, Prompt]:
-        rng = random.Random(EVAL_SEED)
-        held: dict[str, Prompt] = {}
-        while len(held) < self.eval_size:
-            p = self._draw(rng)
-            held.setdefault(p.id, p)
-        return held
-
-    def train_prompts(self, seed: int) -> Iterator[Prompt]:
-        held = self._eval_by_id()
-        rng = random.Random(seed)
-        while True:
-            p = self._draw(rng)
-            if p.id not in held:
-                yield p
 
     def reward(self, prompt: Prompt, response: str) -> float:
         return 1.0 if parse_answer(response) == prompt.answer else 0.0

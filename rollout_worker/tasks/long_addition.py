@@ -14,10 +14,9 @@ update. The reward is the final sum alone, exact; the work is not graded.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rollout_worker.tasks.base import Prompt
+from rollout_worker.tasks.base import DrawnPrompts, Prompt
 from rollout_worker.tasks.templates import render
 
 EVAL_SEED = 1_000_033  # the held-out set's own seed: the same for every run, whatever the training seed
@@ -49,11 +48,12 @@ def parse_sum(response: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class LongAdditionTask:
+class LongAdditionTask(DrawnPrompts):
     name: str = "long_addition"
     digits: int = 3  # both operands have this many digits
     eval_size: int = 200
     template: str = "plain"
+    eval_seed = EVAL_SEED
     reward_in_process = True  # exact string match: pure and O(len(response)), see tasks.base
 
     def __post_init__(self) -> None:
@@ -68,25 +68,6 @@ class LongAdditionTask:
         low = 10 ** (self.digits - 1) if self.digits > 1 else 0
         a, b = rng.randint(low, 10**self.digits - 1), rng.randint(low, 10**self.digits - 1)
         return Prompt(id=f"{a}+{b}", text=render(self.template, f"{a}+{b}="), answer=str(a + b))
-
-    def _eval_by_id(self) -> dict[str, Prompt]:
-        rng = random.Random(EVAL_SEED)
-        held: dict[str, Prompt] = {}
-        while len(held) < self.eval_size:
-            p = self._draw(rng)
-            held.setdefault(p.id, p)
-        return held
-
-    def eval_prompts(self) -> list[Prompt]:
-        return list(self._eval_by_id().values())
-
-    def train_prompts(self, seed: int) -> Iterator[Prompt]:
-        held = self._eval_by_id()
-        rng = random.Random(seed)
-        while True:
-            p = self._draw(rng)
-            if p.id not in held:
-                yield p
 
     def reward(self, prompt: Prompt, response: str) -> float:
         return 1.0 if parse_sum(response) == prompt.answer else 0.0
