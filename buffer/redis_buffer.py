@@ -125,6 +125,7 @@ class StalenessBuffer:
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
         self._last_claim = 0.0
         self._filled_slots: set[int] = set()  # fixed: slots seen filled (they stay filled), not asked again
+        self._filled_low = 0  # fixed: slots below it were consumed once (P:state filled_low, as of the last pull)
         # the accounting scripts see adaptive as what it is to them: bounded (only admission reads the bound)
         self._lua_policy = "bounded" if cfg.policy == "adaptive" else cfg.policy
         self._bound = cfg.max_staleness  # the bound in force (adaptive: as of the last pull)
@@ -257,7 +258,9 @@ class StalenessBuffer:
         if c.policy != "fixed":
             return []
         version, low = (int(x or 0) for x in self.r.hmget(self.k_state, "version", "filled_low"))
-        slots = grantable_slots(version, c.max_staleness, c.updates_per_batch)
+        # slots below `low` were consumed by an update once (a learner resumed from an older checkpoint sees them
+        # again): they were filled then, their sets are gone, and their groups are in the stream, not owed
+        slots = range(max(version, low), grantable_slots(version, c.max_staleness, c.updates_per_batch).stop)
         pipe = self.r.pipeline(transaction=False)
         for k in slots:
             pipe.scard(self._filled(k))
@@ -290,12 +293,13 @@ class StalenessBuffer:
         held = len(self._pool) + len(self._delivered)
         want = n_groups - len(self._pool)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(self.k_state, "version", "bound")
+        pipe.hmget(self.k_state, "version", "bound", "filled_low")
         pipe.xpending(self.k_stream, GROUP)
         if want > 0:
             pipe.xreadgroup(GROUP, consumer, {self.k_stream: ">"}, count=want)
-        (version_raw, bound_raw), pending, *first = pipe.execute()
+        (version_raw, bound_raw, low_raw), pending, *first = pipe.execute()
         version = int(version_raw or 0)
+        self._filled_low = int(low_raw or 0)
         self._bound = int(bound_raw) if bound_raw is not None else self.cfg.max_staleness
         # Entries pending in this consumer that this instance does not hold: a restarted learner's, or a
         # XREADGROUP whose reply was lost (redis-py retried it after a dropped connection). Read them again, oldest
@@ -334,8 +338,10 @@ class StalenessBuffer:
         c = self.cfg
         if c.policy != "fixed":
             return True
+        # slots below filled_low were consumed once (see pinned_versions): filled, whatever their sets say now
         owed = [k for k in grantable_slots(version, c.max_staleness, c.updates_per_batch)
-                if k not in self._filled_slots and required_version(k, c.max_staleness, c.updates_per_batch) < version]
+                if k >= self._filled_low and k not in self._filled_slots
+                and required_version(k, c.max_staleness, c.updates_per_batch) < version]
         if not owed:
             return True
         pipe = self.r.pipeline(transaction=False)

@@ -171,6 +171,32 @@ def test_fixed_pins_the_versions_of_slots_not_filled_yet(buffer_factory, redis_c
     assert other.pinned_versions() == []  # workers of the other rules only ever want the newest
 
 
+def test_a_fixed_learner_resumed_from_an_older_checkpoint_is_not_kept_waiting_for_slots_it_consumed(
+        buffer_factory, redis_client):
+    """Fill sets are deleted once the learner is past their slot; a learner resumed from an older checkpoint
+    sees those slots again (their groups redelivered). They were filled once: update V must not wait for them."""
+    from buffer.redis_buffer import StalenessBuffer
+
+    s = 2
+    buf = buffer_factory(policy="fixed", max_staleness=s, batch_groups=1, capacity_groups=16)
+    taken = {}
+    for version in range(4):
+        buf.set_version(version)
+        buf.pinned_versions()  # the publish of `version`: deletes the sets of slots below it
+        while (adm := buf.admit("w", 1)).granted:
+            buf.push(make_group(adm.required_version, slot=adm.slot, gid=f"slot{adm.slot}"), "w")
+        got = buf.pull(1, block_ms=300)
+        assert [e.group.group_id for e in got] == [f"slot{version}"]
+        taken[version] = got[0].id
+        if version == 0:
+            buf.ack([got[0].id])  # the checkpoint at version 1 covers update 0 only; then the learner dies
+    assert redis_client.exists(f"{buf.cfg.prefix}:filled:1") == 0  # its set is gone
+    resumed = StalenessBuffer(redis_client, buf.cfg)
+    resumed.set_version(1)
+    again = [e.group.group_id for e in resumed.pull(1, block_ms=300)]
+    assert again == ["slot1"]  # redelivered, and served: slot 1 (and 2) count as filled
+
+
 def test_fixed_s2_trains_each_update_on_version_v_minus_2(buffer_factory):
     s, batch = 2, 2
     buf = buffer_factory(policy="fixed", max_staleness=s, batch_groups=batch, capacity_groups=32)
