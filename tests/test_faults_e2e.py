@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tests.test_train_e2e import REPO, read_jsonl, staleflow
+from tests.ray_actors import kill_actor_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -351,7 +352,7 @@ def test_a_worker_whose_registry_is_gone_keeps_generating_and_staleness_holds(ra
         assert bounded_run(worker, 1) == 1
         assert engine.version == 1 and reports[0]["weights/version"] == 1  # loaded through the live registry
 
-        ray.kill(registry, no_restart=True)
+        kill_actor_and_wait(registry)  # a call right after ray.kill can still be answered
         killed_at = time.time()
         buf.set_version(3)  # the learner went on (its versions 2, 3 went to a registry that is gone)
         assert bounded_run(worker, 2) == 2  # the worker goes on with the weights it has

@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from services.train import RunFailed, evaluate_on_a_live_worker
+from tests.ray_actors import kill_actor_and_wait
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,15 +90,6 @@ def test_the_only_worker_restarting_is_waited_for(tmp_path):
 def test_no_live_worker_is_one_clear_error(tmp_path):
     a = start(tmp_path / "gate")
     ray.get(a.pid.remote())
-    ray.kill(a, no_restart=True)  # returns before the actor is dead: wait for the death
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            ray.get(a.pid.remote(), timeout=30)
-        except ray.exceptions.RayActorError:
-            break
-        except ray.exceptions.GetTimeoutError:
-            pass
-        assert time.monotonic() < deadline, "the killed actor still answers"
+    kill_actor_and_wait(a)
     with pytest.raises(RunFailed, match="no rollout worker is alive"):
         evaluate_on_a_live_worker([a], set(), timeout_s=120)

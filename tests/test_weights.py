@@ -19,6 +19,7 @@ from learner.publisher import WeightPublisher
 from rollout_worker.weights import WeightsFetcher
 from services.registry import WeightRegistry, get_registry, start_registry
 from tests.buffer_helpers import make_group
+from tests.ray_actors import kill_actor_and_wait
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "test-weights"
@@ -214,7 +215,7 @@ def test_a_background_publish_ships_the_weights_of_its_version_in_order_and_surf
         assert got == version and all(torch.equal(t, torch.full_like(t, float(version))) for t in out.values())
     assert [s for s, _ in reported] == [1, 2, 3, 4, 5]
     assert all(v["weights/put_s"] > 0 and v["weights/kept"] == min(s, 3) for s, v in reported)
-    _kill_and_wait(registry)
+    kill_actor_and_wait(registry)
     pub.publish(model, 6)  # returns: the put and the registration have not run yet
     with pytest.raises(WeightsError, match="version 6: the weight registry actor is gone"):
         pub.flush()
@@ -300,25 +301,10 @@ def test_a_publish_or_fetch_that_takes_too_long_raises(registry):
     assert ray.get(registry.versions.remote(), timeout=120) == [3]
 
 
-@pytest.mark.slow
-def _kill_and_wait(actor) -> None:  # noqa: ANN001
-    """ray.kill returns before the actor is dead: wait for the death, as the product will see it."""
-    ray.kill(actor)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
-        except ray.exceptions.RayActorError:
-            return
-        except ray.exceptions.GetTimeoutError:  # dying: ask again
-            pass
-        assert time.monotonic() < deadline, "the killed actor still answers after 120 s"
-
-
 def test_a_dead_registry_is_a_clear_error(registry):
     name = ray.get(registry.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
     assert get_registry(NAMESPACE, name)._actor_id == registry._actor_id
-    _kill_and_wait(registry)
+    kill_actor_and_wait(registry)
     fetcher = WeightsFetcher(registry, timeout_s=10)
     with pytest.raises(WeightsError, match="registry actor is gone"):
         fetcher.latest_version()
