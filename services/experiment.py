@@ -72,6 +72,15 @@ class CellResult:
     m2_before: float | None  # m2po: M2 of the trust-region tokens before masking, averaged over updates
     kl_k3: float  # every loss: E[r - 1 - log r] over tokens, averaged over updates (≈ M2/2 for small log r)
     wall_s: float
+    sampled_curve: list[tuple[int, float]] = ()  # (update, sampled avg@k), where the run evaluated it
+    ratio_max: float = math.nan  # the largest importance ratio of any token in any update (the paper's Fig. 5)
+    ess_mean: float = math.nan  # effective-sample-size fraction (sum r)^2 / (n sum r^2), averaged over updates
+    ess_min: float = math.nan  # ... and its lowest update: a collapse shows here first
+
+    @property
+    def mean_avg_at_k(self) -> float:
+        """Sampled avg@k averaged over the evals after the start (nan when the run did not sample)."""
+        return _mean([acc for step, acc in self.sampled_curve if step > 0])
 
     @property
     def mean_accuracy(self) -> float:
@@ -155,6 +164,10 @@ def summarise(cell: Cell, run_dir: Path, initial: float | None = None) -> CellRe
     start = {} if initial is None else {0: initial}
     curve = sorted((start | dict(curve) | {final_version: float(final["accuracy"])}).items())
     m2 = [m["m2po/m2_before"] for m in metrics if "m2po/m2_before" in m]
+    sampled = {int(e["step"]): float(e["eval/avg_at_k"]) for e in evals if "eval/avg_at_k" in e}
+    if "avg_at_k" in final:
+        sampled[final_version] = float(final["avg_at_k"])
+    ess = [m["ratio/ess_fraction"] for m in metrics if "ratio/ess_fraction" in m]
     extra = run_dir / "experiment.json"
     return CellResult(
         cell=cell,
@@ -165,6 +178,10 @@ def summarise(cell: Cell, run_dir: Path, initial: float | None = None) -> CellRe
         m2_before=_mean(m2) if m2 else None,
         kl_k3=_mean([m["kl/k3"] for m in metrics if "kl/k3" in m]),
         wall_s=json.loads(extra.read_text())["wall_s"] if extra.is_file() else math.nan,
+        sampled_curve=sorted(sampled.items()),
+        ratio_max=max((m["ratio/max"] for m in metrics if "ratio/max" in m), default=math.nan),
+        ess_mean=_mean(ess),
+        ess_min=min(ess, default=math.nan),
     )
 
 
@@ -178,8 +195,9 @@ def table(results: list[CellResult]) -> str:
     """Markdown: one row per (s, loss); accuracy mean ± std over seeds, the rest averaged over seeds too."""
     rows = [
         "| s | loss | seeds | final held-out acc | final avg@k (sampled) | mean held-out acc over training "
-        "| masked/clipped token frac | M2 before masking (m2po) | KL k3 | wall min/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mean avg@k over training | masked/clipped token frac | M2 before masking (m2po) | KL k3 | ratio max "
+        "| ESS frac mean (min) | wall min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r.cell.s, r.cell.loss) for r in results}, key=lambda k: (k[0], k[1]))
     for s, loss in keys:
@@ -188,14 +206,17 @@ def table(results: list[CellResult]) -> str:
         sampled = [r.final_avg_at_k for r in rs if r.final_avg_at_k is not None]
         rows.append(
             f"| {s} | {loss} | {len(rs)} | {_pm([r.final_accuracy for r in rs])} | {_pm(sampled) if sampled else '—'} "
-            f"| {_pm([r.mean_accuracy for r in rs])} | {_mean([r.masked_fraction for r in rs]):.4f} | {f'{_mean(m2):.2e}' if m2 else '—'} "
-            f"| {_mean([r.kl_k3 for r in rs]):.2e} | {_mean([r.wall_s for r in rs]) / 60:.1f} |"
+            f"| {_pm([r.mean_accuracy for r in rs])} | {_pm(mk) if (mk := [r.mean_avg_at_k for r in rs if r.sampled_curve]) else '—'} "
+            f"| {_mean([r.masked_fraction for r in rs]):.4f} | {f'{_mean(m2):.2e}' if m2 else '—'} "
+            f"| {_mean([r.kl_k3 for r in rs]):.2e} | {max(r.ratio_max for r in rs):.3g} "
+            f"| {_mean([r.ess_mean for r in rs]):.3f} ({min(r.ess_min for r in rs):.3f}) | {_mean([r.wall_s for r in rs]) / 60:.1f} |"
         )
     return "\n".join(rows) + "\n"
 
 
 def plot(results: list[CellResult], out: Path) -> Path:
-    """Held-out accuracy against updates: colour = loss, line style = s, mean over seeds (shaded: min..max)."""
+    """Held-out accuracy against updates: colour = loss, line style = s, mean over seeds (shaded: min..max).
+    Greedy on the left; sampled avg@k at the rollout temperature on the right when the runs sampled it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,24 +226,29 @@ def plot(results: list[CellResult], out: Path) -> Path:
 
     losses = sorted({r.cell.loss for r in results})
     s_values = sorted({r.cell.s for r in results})
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for li, loss in enumerate(losses):
-        for si, s in enumerate(s_values):
-            rs = [r for r in results if r.cell.loss == loss and r.cell.s == s]
-            if not rs:
-                continue
-            steps = sorted(set.intersection(*(set(dict(r.curve)) for r in rs)))
-            ys = [[dict(r.curve)[x] for r in rs] for x in steps]
-            color = COLORS[li % len(COLORS)]
-            ax.plot(steps, [_mean(y) for y in ys], STYLES[si % len(STYLES)], color=color, marker=".",
-                    label=f"{loss}, s={s}")
-            if len(rs) > 1:
-                ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.15)
-    ax.set_xlabel("updates (policy version)")
-    ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title("fixed staleness s: update V trains on data from version V-s")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("curve", "held-out accuracy (greedy)")]
+    if any(r.sampled_curve for r in results):
+        panels.append(("sampled_curve", "held-out avg@k (sampled, rollout temperature)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
+    for ax, (field, ylabel) in zip(axes[0], panels):
+        for li, loss in enumerate(losses):
+            for si, s in enumerate(s_values):
+                rs = [r for r in results if r.cell.loss == loss and r.cell.s == s and getattr(r, field)]
+                if not rs:
+                    continue
+                curves = [dict(getattr(r, field)) for r in rs]
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                ys = [[c[x] for c in curves] for x in steps]
+                color = COLORS[li % len(COLORS)]
+                ax.plot(steps, [_mean(y) for y in ys], STYLES[si % len(STYLES)], color=color, marker=".",
+                        label=f"{loss}, s={s}")
+                if len(rs) > 1:
+                    ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.15)
+        ax.set_xlabel("updates (policy version)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("fixed staleness s: update V trains on data from version V-s")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -268,6 +294,8 @@ def run_staleness(
     table_path.write_text(f"`{command}`\n\n{start}" + table(results))
     (out / "results.json").write_text(json.dumps(
         [{"s": r.cell.s, "loss": r.cell.loss, "seed": r.cell.seed, "final_accuracy": r.final_accuracy,
-          "mean_accuracy": r.mean_accuracy, "curve": r.curve, "masked_fraction": r.masked_fraction, "m2_before": r.m2_before, "kl_k3": r.kl_k3,
+          "mean_accuracy": r.mean_accuracy, "curve": r.curve, "final_avg_at_k": r.final_avg_at_k,
+          "sampled_curve": r.sampled_curve, "masked_fraction": r.masked_fraction, "m2_before": r.m2_before,
+          "kl_k3": r.kl_k3, "ratio_max": r.ratio_max, "ess_mean": r.ess_mean, "ess_min": r.ess_min,
           "wall_s": r.wall_s} for r in results], indent=1))
     return table_path, plot(results, out / "accuracy.png")

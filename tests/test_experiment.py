@@ -59,10 +59,15 @@ def test_grid_runs_fixed_staleness_and_writes_table_and_plot(grid):
     results = json.loads((out / "results.json").read_text())
     trained = [acc for step, acc in results[0]["curve"] if step > 0]
     assert cols[5] == f"{sum(trained) / len(trained):.3f}"
+    sampled = [acc for step, acc in results[0]["sampled_curve"] if step > 0]
+    assert len(sampled) == UPDATES and cols[6] == f"{sum(sampled) / len(sampled):.3f}"  # eval_every=1
     masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
-    assert cols[6] == f"{masked:.4f}"
+    assert cols[7] == f"{masked:.4f}"
     m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)
-    assert cols[7] == f"{m2:.2e}"
+    assert cols[8] == f"{m2:.2e}"
+    assert cols[10] == f"{max(m['ratio/max'] for m in learner):.3g}"  # the paper's instability signals
+    ess = [m["ratio/ess_fraction"] for m in learner]
+    assert cols[11] == f"{sum(ess) / len(ess):.3f} ({min(ess):.3f})"
 
     assert results[0]["curve"][-1] == [UPDATES, pytest.approx(final["accuracy"])]
     evals = read_jsonl(run_dir / "eval.jsonl")
@@ -90,13 +95,16 @@ def test_table_mean_and_std_over_seeds():
     def result(seed: int, acc: float, m2: float | None) -> CellResult:
         curve = [(0, 0.1), (10, acc / 2), (20, acc)]  # the initial point is not part of the mean over training
         return CellResult(Cell(4, "ppo_clip" if m2 is None else "m2po", seed), acc, acc - 0.1, curve,
-                          0.1 * (seed + 1), m2, 0.01, 60.0)
+                          0.1 * (seed + 1), m2, 0.01, 60.0, sampled_curve=[(0, 0.1), (20, acc - 0.1)],
+                          ratio_max=2.0 + seed, ess_mean=0.9 - seed / 10, ess_min=0.8 - seed / 10)
 
     md = table([result(0, 0.5, None), result(1, 0.7, None), result(0, 0.2, 0.3), result(1, 0.4, 0.5)])
     rows = {r.split("|")[2].strip(): [c.strip() for c in r.strip("|").split("|")] for r in md.splitlines()[2:]}
     assert rows["ppo_clip"][3] == "0.600 ± 0.141"  # stdev of (0.5, 0.7)
     assert rows["ppo_clip"][4] == "0.500 ± 0.141"  # sampled avg@k: (0.4, 0.6)
     assert rows["ppo_clip"][5] == "0.450 ± 0.106"  # means over training (0.375, 0.525)
-    assert rows["ppo_clip"][7] == "—"  # M2 is M2PO's own statistic
+    assert rows["ppo_clip"][6] == "0.500 ± 0.141"  # sampled means over training: the same points after 0
+    assert rows["ppo_clip"][8] == "—"  # M2 is M2PO's own statistic
     assert rows["m2po"][3] == "0.300 ± 0.141"
-    assert rows["m2po"][6] == "0.1500" and rows["m2po"][7] == "4.00e-01"
+    assert rows["m2po"][7] == "0.1500" and rows["m2po"][8] == "4.00e-01"
+    assert rows["m2po"][10] == "3" and rows["m2po"][11] == "0.850 (0.700)"  # max over seeds; mean (lowest)
