@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_train_e2e import REPO, read_jsonl, staleflow
 from tests.ray_actors import kill_actor_and_wait
+from tests.test_train_e2e import REPO, read_jsonl, staleflow
 
 pytestmark = pytest.mark.slow
 
@@ -324,7 +324,6 @@ def bounded_run(worker, batches: int) -> int:  # noqa: ANN001
 
 
 def test_a_worker_whose_registry_is_gone_keeps_generating_and_staleness_holds(ray_local, buffer_factory):
-    import ray
     from transformers import AutoModelForCausalLM
 
     from learner.publisher import WeightPublisher
