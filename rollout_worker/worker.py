@@ -148,6 +148,9 @@ class RolloutWorker:
                         type(exc).__name__, str(exc)[:300])
             metrics["weights/fetch_errors"] = metrics.get("weights/fetch_errors", 0) + 1
             return False
+        if "weights/version" in metrics:  # a second load for one batch (admission refused the first weights):
+            # the first goes on record now, as its own record; the batch's metrics keep the newest
+            self.report(self.step, {k: metrics.pop(k) for k in ("weights/version", "weights/fetch_s")})
         metrics["weights/fetch_s"] = time.perf_counter() - t0
         metrics["weights/version"] = version
         return True

@@ -59,8 +59,12 @@ def test_grid_runs_fixed_staleness_and_writes_table_and_plot(grid):
     results = json.loads((out / "results.json").read_text())
     trained = [acc for step, acc in results[0]["curve"] if step > 0]
     assert cols[5] == f"{sum(trained) / len(trained):.3f}"
-    sampled = [acc for step, acc in results[0]["sampled_curve"] if step > 0]
-    assert len(sampled) == UPDATES and cols[6] == f"{sum(sampled) / len(sampled):.3f}"  # eval_every=1
+    # Evals run beside training on the newest version: a busy machine skips some. The run's own records decide.
+    sampled = {e["step"]: e["eval/avg_at_k"] for e in read_jsonl(run_dir / "eval.jsonl") if e["step"] > 0}
+    sampled[UPDATES] = final["avg_at_k"]
+    assert [[step, pytest.approx(acc)] for step, acc in sorted(sampled.items())] == [
+        list(p) for p in results[0]["sampled_curve"] if p[0] > 0]
+    assert cols[6] == f"{sum(sampled.values()) / len(sampled):.3f}"
     masked = sum(m["loss/masked_fraction"] for m in learner) / len(learner)
     assert cols[7] == f"{masked:.4f}"
     m2 = sum(m["m2po/m2_before"] for m in learner) / len(learner)

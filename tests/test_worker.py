@@ -276,6 +276,34 @@ def test_a_worker_refused_for_old_weights_looks_for_new_ones_at_every_retry(engi
     assert registry.asked >= len(refused) + 1  # it asked for newer weights after every refusal
 
 
+def test_every_version_loaded_for_one_batch_is_on_record(engine, buffer_factory, rollout_cfg, model_dir):
+    """A worker refused for a full window loads each newer version between retries: every load pulled a version
+    onto its node, so every load is reported (the cluster test counts each node's object-store bytes against
+    them), not only the batch's last one."""
+    from rollout_worker.tasks.arithmetic import ArithmeticTask
+
+    buf = buffer_factory(policy="bounded", max_staleness=0, batch_groups=rollout_cfg.groups_per_batch)
+    assert buf.admit("other", rollout_cfg.groups_per_batch, weights_version=0).granted  # the window is full
+    engine.update_weights(Registry(model_dir).fetch(0), 0)
+
+    class PublishesWhileRefused(Registry):  # the learner publishes 1, then 2, then makes room
+        asked = 0
+
+        def get_latest(self):
+            self.asked += 1
+            if self.asked == 3:
+                buf.set_version(1)
+            return min(self.asked, 2)
+
+    registry, reports = PublishesWhileRefused(model_dir), []
+    worker = make_worker(engine, ArithmeticTask(), buf, rollout_cfg, registry, reports, worker_id="two-loads")
+    assert worker.run(max_batches=1) == 1
+    assert registry.fetched == [1, 2]  # both loaded for the one batch
+    loads = [v for _, v in reports if "weights/version" in v]
+    assert [v["weights/version"] for v in loads] == [1, 2] and all(v["weights/fetch_s"] > 0 for v in loads)
+    assert reports[-1][1]["rollout/version"] == 2
+
+
 def test_partial_rollouts_switch_version_mid_batch(engine, buffer_factory, rollout_cfg, model_dir):
     """rollout.partial: a version published while the batch generates is loaded mid-batch; the samples that
     were still running carry both versions, old tokens first."""
