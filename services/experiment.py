@@ -52,9 +52,10 @@ class Cell:
             f"task.seed={self.seed}",
             f"learner.seed={self.seed}",
             *([] if self.loss == base.learner.loss else ["learner.loss_params={}"]),
-            # fixed mode admits s + 1 versions' batches ahead of the learner: the buffer must hold them
-            *([f"buffer.capacity_groups={need}"] if (need := (self.s + 1) * base.buffer.batch_groups)
-              > base.buffer.capacity_groups else []),
+            # fixed mode admits s + m updates' batches ahead of the learner (m = updates_per_batch): the buffer
+            # must hold them (the config refuses less)
+            *([f"buffer.capacity_groups={need}"] if (need := (self.s + base.buffer.updates_per_batch)
+              * base.buffer.batch_groups) > base.buffer.capacity_groups else []),
         ]
 
 

@@ -95,6 +95,18 @@ def test_finished_cells_are_reused(grid):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["m2po-s1-seed0"]
 
 
+def test_a_cell_gives_the_buffer_room_for_its_window():
+    """fixed admits (s + updates_per_batch) x batch_groups groups ahead of the learner: each cell's config must
+    hold them, or `staleflow train` refuses it (the paper's schedule, m = 4, at s = 32: 288 groups)."""
+    from services.config import load_config
+
+    base = load_config([str(REPO / "configs/tiny-long.yaml")], [])
+    for s in (0, 8, 32, 64):
+        cfg = load_config([str(REPO / "configs/tiny-long.yaml")], Cell(s, "ppo_clip", 0).overrides(400, base))  # validates
+        assert cfg.buffer.capacity_groups >= (s + base.buffer.updates_per_batch) * base.buffer.batch_groups
+    assert "buffer.capacity_groups=288" in Cell(32, "m2po", 0).overrides(400, base)
+
+
 def test_table_mean_and_std_over_seeds():
     def result(seed: int, acc: float, m2: float | None) -> CellResult:
         curve = [(0, 0.1), (10, acc / 2), (20, acc)]  # the initial point is not part of the mean over training
