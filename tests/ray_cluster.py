@@ -58,7 +58,11 @@ class RayCluster:
         lo = 11000 + 2000 * i  # each raylet its own worker ports: several raylets share this host
         args = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node['num_cpus']}",
                 f"--resources={json.dumps(node.get('resources', {}))}", f"--object-store-memory={store}",
-                f"--min-worker-port={lo}", f"--max-worker-port={lo + 1999}", "--disable-usage-stats"]
+                f"--min-worker-port={lo}", f"--max-worker-port={lo + 1999}", "--disable-usage-stats",
+                # Ray's fixed defaults (the agent's 52365...) are taken by any other Ray on the host (a training run,
+                # another suite): the head's job agent then cannot bind and `ray job submit` finds no agent
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         if i == 0:
             args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.tmp}"]
