@@ -3,14 +3,23 @@ test gets its own key prefix so tests never see each other's data."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from hypothesis import settings
 
 from buffer.config import BufferConfig
 from buffer.server import EmbeddedRedis, connect
+
+# Property tests: `make test` (and CI) draws the same examples on every run and machine, so a red run is a finding
+# in the code that changed, not a new random draw; `HYPOTHESIS_PROFILE=explore make test` searches fresh examples
+# (run it when you touch a loss or the wire format; a case it finds goes into the test as an @example).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session")
