@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from services.config import Config, load_config
 from services.metrics import FILES
 from services.plots import _read_jsonl
@@ -215,6 +217,25 @@ def table(results: list[CellResult]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def seed_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean, min and max over seeds of (update, value) curves, at every update any seed evaluated.
+
+    An eval runs on the newest version when it is due, so seeds land on different updates (40 in one, 41 in the
+    other): each curve is interpolated linearly onto the union of updates inside its own range, and a point is
+    averaged over the seeds that cover it (intersecting the updates instead dropped most points of a busy run)."""
+    steps = sorted({x for c in curves for x, _ in c})
+    mean, lo, hi = [], [], []
+    kept = []
+    for x in steps:
+        ys = [float(np.interp(x, [a for a, _ in c], [b for _, b in c])) for c in curves if c and c[0][0] <= x <= c[-1][0]]
+        if ys:
+            kept.append(x)
+            mean.append(_mean(ys))
+            lo.append(min(ys))
+            hi.append(max(ys))
+    return kept, mean, lo, hi
+
+
 def plot(results: list[CellResult], out: Path) -> Path:
     """Held-out accuracy against updates: colour = loss, line style = s, mean over seeds (shaded: min..max).
     Greedy on the left; sampled avg@k at the rollout temperature on the right when the runs sampled it."""
@@ -237,14 +258,11 @@ def plot(results: list[CellResult], out: Path) -> Path:
                 rs = [r for r in results if r.cell.loss == loss and r.cell.s == s and getattr(r, field)]
                 if not rs:
                     continue
-                curves = [dict(getattr(r, field)) for r in rs]
-                steps = sorted(set.intersection(*(set(c) for c in curves)))
-                ys = [[c[x] for c in curves] for x in steps]
+                steps, mean, lo, hi = seed_band([getattr(r, field) for r in rs])
                 color = COLORS[li % len(COLORS)]
-                ax.plot(steps, [_mean(y) for y in ys], STYLES[si % len(STYLES)], color=color, marker=".",
-                        label=f"{loss}, s={s}")
+                ax.plot(steps, mean, STYLES[si % len(STYLES)], color=color, marker=".", label=f"{loss}, s={s}")
                 if len(rs) > 1:
-                    ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.15)
+                    ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
         ax.set_xlabel("updates (policy version)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.experiment import Cell, CellResult, table
+from services.experiment import Cell, CellResult, seed_band, table
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATES = 3
@@ -124,3 +124,20 @@ def test_table_mean_and_std_over_seeds():
     assert rows["m2po"][3] == "0.300 ± 0.141"
     assert rows["m2po"][7] == "0.1500" and rows["m2po"][8] == "4.00e-01"
     assert rows["m2po"][10] == "3" and rows["m2po"][11] == "0.850 (0.700)"  # max over seeds; mean (lowest)
+
+
+def test_the_plot_averages_seeds_whose_evals_landed_on_different_updates():
+    """Evals run on the newest version when due: one seed is evaluated at 40, another at 41. Every point of
+    both stays in the plot (interpolated within each seed's range), not only the updates both share."""
+    a = [(0, 0.3), (40, 0.5), (80, 0.9)]
+    b = [(0, 0.3), (41, 0.7), (80, 1.0)]
+    steps, mean, lo, hi = seed_band([a, b])
+    assert steps == [0, 40, 41, 80]
+    at = dict(zip(steps, zip(mean, lo, hi)))
+    assert at[0] == (0.3, 0.3, 0.3)
+    assert at[80] == (0.95, 0.9, 1.0)
+    b40 = 0.3 + (0.7 - 0.3) * 40 / 41  # seed b between its own evals at 0 and 41
+    assert at[40] == pytest.approx(((0.5 + b40) / 2, min(0.5, b40), max(0.5, b40)))
+    # a curve that ends earlier (a cut run) covers only its own range
+    steps, mean, _, _ = seed_band([a, [(0, 0.3), (41, 0.7)]])
+    assert dict(zip(steps, mean))[80] == 0.9
