@@ -58,6 +58,30 @@ def rollout_bundles(cfg: Config) -> list[dict[str, float]]:
     return [_with_role(b, cfg.cluster.rollout_resource) for _ in range(rc.num_workers) for b in per_worker]
 
 
+def local_shortfall(cfg: Config, have: dict[str, float]) -> str | None:
+    """None if the learner's and the workers' bundles fit a local Ray with resources `have`; else one line.
+
+    A local Ray never grows, so a bundle that does not fit now would wait PLACEMENT_TIMEOUT_S for nothing (a
+    cluster may be autoscaling: there `place` waits). Totals only: bundles of a local node always pack."""
+    need: dict[str, float] = {}
+    for bundle in [*learner_bundles(cfg), *rollout_bundles(cfg)]:
+        for k, v in bundle.items():
+            need[k] = need.get(k, 0.0) + v
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    lc, rc = cfg.learner, cfg.rollout
+    fix = (f"; to share the cores anyway, declare them: cluster.num_cpus={int(need['CPU'])}" if set(short) == {"CPU"}
+           else "")
+    return (f"this machine's local Ray has {_fmt(have, need)}; the learner ({lc.num_processes} x "
+            f"{learner_bundles(cfg)[0]}) and {rc.num_workers} rollout workers ({rollout_bundles(cfg)[0]} each) need "
+            f"{_fmt(need, need)}: lower rollout.num_workers, rollout.cpu_threads or learner.cpu_threads{fix}")
+
+
+def _fmt(res: dict[str, float], keys: dict[str, float]) -> str:
+    return ", ".join(f"{res.get(k, 0):g} {k}" for k in keys)
+
+
 def place(bundles: list[dict[str, float]], strategy: str, what: str, advice: str) -> PlacementGroup:
     """A ready placement group, or NotStarted with one line saying what could not be placed."""
     pg = placement_group(bundles, strategy=strategy)

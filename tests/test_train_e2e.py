@@ -159,6 +159,35 @@ def test_weight_versions_that_cannot_fit_the_object_store_are_refused_before_any
     assert not left_behind, left_behind
 
 
+def test_more_workers_than_a_local_ray_has_cpus_is_refused_at_once(tmp_path):
+    """A local Ray never grows: a learner and 2 workers of one CPU each do not fit 2 declared CPUs. One error
+    line saying what is needed and how to declare it, exit 1, before any actor is placed (not after the
+    placement timeout); nothing left running."""
+    out, left_behind, _ = staleflow_tracked(["train", *SHORT, "rollout.num_workers=2", "cluster.num_cpus=2",
+                                             f"runs_dir={tmp_path}", "name=cpus"])
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text[-4000:]
+    assert "has 2 CPU" in errors[0] and "need 3 CPU" in errors[0] and "cluster.num_cpus=3" in errors[0], errors
+    assert "could not be placed" not in text and "Traceback" not in text
+    assert not (tmp_path / "cpus" / "placement.json").exists()  # refused before placing anything
+    assert not left_behind, left_behind
+
+
+def test_local_shortfall_counts_every_bundle():
+    from services.config import load_config
+    from services.placement import local_shortfall
+
+    cfg = load_config([str(REPO / "configs/tiny-cpu.yaml")], ["rollout.num_workers=2", "rollout.cpu_threads=2"])
+    assert local_shortfall(cfg, {"CPU": 5.0}) is None  # 1 (learner) + 2 x 2 (workers)
+    line = local_shortfall(cfg, {"CPU": 4.0})
+    assert "need 5 CPU" in line and "cluster.num_cpus=5" in line
+    gpu = load_config([str(REPO / "configs/tiny-cpu.yaml")], ["learner.gpus=1"])
+    line = local_shortfall(gpu, {"CPU": 16.0})
+    assert "0 GPU" in line and "cluster.num_cpus" not in line  # more CPUs would not help
+
+
 def test_a_model_folder_missing_where_it_is_loaded_is_one_line_naming_the_node(tmp_path):
     """model.path is checked on the nodes that load it (here the one local node), before anything starts."""
     out, left_behind, _ = staleflow_tracked(["train", *SHORT, "model.path=/nonexistent/model",
