@@ -122,9 +122,15 @@ def main() -> None:
     a = p.parse_args()
     bounds = [int(x) for x in a.bounds.split(",")]
     delays = [float(x) for x in a.delays.split(",")]
+    from services.config import load_config
+
+    cfg = load_config([a.config], a.overrides)
+    # The learner and every worker take their threads' CPUs; a 2-core machine declares 3 (the second worker sleeps
+    # between batches, so the three share the cores), else the local Ray refuses the run.
+    cpus = cfg.learner.cpu_threads * cfg.learner.num_processes + cfg.rollout.cpu_threads * len(delays)
     common = [a.config, f"learner.total_steps={a.updates}", f"learner.eval_every={a.eval_every}",
               f"rollout.num_workers={len(delays)}", f"rollout.delay_s=[{','.join(map(str, delays))}]",
-              "buffer.updates_per_batch=1", *a.overrides]
+              "buffer.updates_per_batch=1", f"cluster.num_cpus={max(cpus, os.cpu_count() or 1)}", *a.overrides]
     policies = {f"bounded-s{s}": ["buffer.policy=bounded", f"buffer.max_staleness={s}"] for s in bounds}
     policies["adaptive"] = ["buffer.policy=adaptive", f"buffer.max_staleness={min(bounds)}",
                             f"buffer.adaptive.min_staleness={min(bounds)}", f"buffer.adaptive.max_staleness={max(bounds)}"]
