@@ -22,12 +22,16 @@ def run(ctrl: BoundController, signals: Signals, updates: int, start: int = 1) -
     return [(c.old, c.new, c.reason) for c in changes if c is not None]
 
 
-def test_a_waiting_learner_with_little_masking_raises_the_bound_one_step_per_window_up_to_the_top():
-    ctrl = BoundController(CFG, bound=2)
+def test_a_waiting_learner_doubles_the_bound_until_the_first_drift_then_raises_it_one_step_per_window():
+    ctrl = BoundController(CFG, bound=1)
     assert run(ctrl, WAITING, 2) == []  # mid-window: no decision
-    assert run(ctrl, WAITING, 1, start=3) == [(2, 3, "idle")]
-    assert run(ctrl, WAITING, 30, start=4) == [(b, b + 1, "idle") for b in range(3, 8)]
+    assert run(ctrl, WAITING, 1, start=3) == [(1, 2, "idle")]
+    assert run(ctrl, WAITING, 30, start=4) == [(2, 4, "idle"), (4, 8, "idle")]  # slow start
     assert ctrl.bound == 8  # the top, and it stays there
+    assert run(ctrl, DRIFTING, 3, start=34) == [(8, 4, "drift")]
+    assert run(ctrl, WAITING, 30, start=37) == [(b, b + 1, "idle") for b in range(4, 8)]  # additive from now on
+    zero = BoundController(AdaptiveConfig(min_staleness=0, max_staleness=5, window=1), bound=0)
+    assert run(zero, WAITING, 5) == [(0, 1, "idle"), (1, 2, "idle"), (2, 4, "idle"), (4, 5, "idle")]  # capped
 
 
 def test_drift_halves_the_bound_down_to_the_bottom():
