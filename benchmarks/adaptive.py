@@ -87,12 +87,14 @@ def plot(cells: dict[str, list[dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from services.plots import COLORS
+
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 8))
-    for policy, runs in cells.items():
-        for i, r in enumerate(runs):
-            label = policy if i == 0 else None
-            bottom.plot([t for _, t, _ in r["curve"]], [a for _, _, a in r["curve"]], marker=".", label=label,
-                        linestyle="-" if policy == "adaptive" else ":")
+    for p, (policy, runs) in enumerate(cells.items()):
+        for i, r in enumerate(runs):  # one colour per policy, one line per seed
+            bottom.plot([t for _, t, _ in r["curve"]], [a for _, _, a in r["curve"]], marker=".", color=COLORS[p],
+                        label=policy if i == 0 else None, linestyle="-" if policy == "adaptive" else ":",
+                        linewidth=2 if policy == "adaptive" else 1)
             if policy == "adaptive":
                 top.step([s for s, _ in r["bound"]], [b for _, b in r["bound"]], where="post", label=f"seed run {i}")
     top.set_xlabel("update")
