@@ -2,7 +2,7 @@
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/adaptive.py [--config configs/tiny-long.yaml]
         [--bounds 1,2,4,8] [--seeds 0,1] [--updates 160] [--eval-every 20] [--delays 0,1.5] [--target 0.8]
-        [-o runs/bench-adaptive] [k=v overrides]
+        [--controller target_m2=0.04,...] [-o runs/bench-adaptive] [k=v overrides]
 
 Every cell is one real `staleflow train`: `buffer.policy=bounded buffer.max_staleness=s` for each s of
 --bounds, and `buffer.policy=adaptive` (starting at the lowest bound, free within [min, max] of --bounds),
@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--delays", default="0,1.5", help="rollout.delay_s per worker (seconds after each batch)")
     p.add_argument("--target", type=float, default=0.8, help="sampled held-out avg@k to reach")
+    p.add_argument("--controller", default="", help="buffer.adaptive settings for the adaptive runs only, e.g. "
+                   "target_m2=0.04,window=5 (the fixed runs refuse them)")
     p.add_argument("-o", "--out", type=Path, default=REPO / "runs/bench-adaptive")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
@@ -135,7 +137,8 @@ def main() -> None:
               "buffer.updates_per_batch=1", f"cluster.num_cpus={max(cpus, os.cpu_count() or 1)}", *a.overrides]
     policies = {f"bounded-s{s}": ["buffer.policy=bounded", f"buffer.max_staleness={s}"] for s in bounds}
     policies["adaptive"] = ["buffer.policy=adaptive", f"buffer.max_staleness={min(bounds)}",
-                            f"buffer.adaptive.min_staleness={min(bounds)}", f"buffer.adaptive.max_staleness={max(bounds)}"]
+                            f"buffer.adaptive.min_staleness={min(bounds)}", f"buffer.adaptive.max_staleness={max(bounds)}",
+                            *(f"buffer.adaptive.{kv}" for kv in a.controller.split(",") if kv)]
     cells: dict[str, list[dict]] = {}
     for policy, extra in policies.items():
         for seed in (int(x) for x in a.seeds.split(",")):
