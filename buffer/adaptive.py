@@ -41,7 +41,11 @@ class AdaptiveConfig(BaseModel):
                                "= 112 <= 128 with the default batch).")
     target_masked: float = Field(0.05, ge=0, le=1, description="Cut the bound when the masked (or clipped) "
                                  "token fraction exceeds this; raise it only below half of it.")
-    target_m2: float | None = Field(None, ge=0, description="Also cut when M2 before masking exceeds this.")
+    # 0.04 = M2PO's own budget τ. The masked fraction alone is too quiet to steer by: in benchmarks/adaptive.py
+    # at lr 3e-4 it stayed at 0.04-0.36% at every bound while M2 went 0.005 (s = 1) -> 0.46 (s = 16) and bounds
+    # of 8-16 lost 25 points of accuracy (docs/benchmarks.md).
+    target_m2: float | None = Field(0.04, ge=0, description="Also cut when M2 before masking exceeds this "
+                                    "(None: the masked fraction alone; losses without M2 report 0).")
     idle_target: float = Field(0.2, ge=0, le=1, description="Raise the bound when the learner waits for data "
                                "more than this share of its time.")
     window: int = Field(5, ge=1, description="Updates per decision.")

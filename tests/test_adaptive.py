@@ -61,6 +61,14 @@ def test_steady_signals_never_oscillate():
     assert run(BoundController(CFG, bound=4), CALM, 60) == []
 
 
+def test_by_default_drift_is_m2_past_m2pos_budget():
+    """The defaults cut the bound when M2 before masking passes 0.04 (τ), though almost nothing is masked."""
+    waiting_but_drifted = Signals(idle_s=0.5, step_s=0.5, masked_fraction=0.003, m2_before=0.2)
+    assert run(BoundController(AdaptiveConfig(), bound=4), waiting_but_drifted, 5) == [(4, 2, "drift")]
+    waiting_close = Signals(idle_s=0.5, step_s=0.5, masked_fraction=0.003, m2_before=0.03)
+    assert run(BoundController(AdaptiveConfig(), bound=4), waiting_close, 5) == [(4, 6, "idle")]  # slow start, capped
+
+
 def test_a_window_decides_on_its_means_not_its_last_update():
     ctrl = BoundController(CFG, bound=4)
     ctrl.observe(1, DRIFTING)  # masked 0.2, then two clean updates: mean 0.067 > 0.05 is still drift
