@@ -43,7 +43,7 @@ class AdaptiveConfig(BaseModel):
                                  "token fraction exceeds this; raise it only below half of it.")
     # 0.04 = M2PO's own budget τ. The masked fraction alone is too quiet to steer by: in benchmarks/adaptive.py
     # at lr 3e-4 it stayed at 0.04-0.36% at every bound while M2 went 0.005 (s = 1) -> 0.46 (s = 16) and bounds
-    # of 8-16 lost 25 points of accuracy (docs/benchmarks.md).
+    # of 8-16 lost 21 points of accuracy (docs/benchmarks.md).
     target_m2: float | None = Field(0.04, ge=0, description="Also cut when M2 before masking exceeds this "
                                     "(None: the masked fraction alone; losses without M2 report 0).")
     idle_target: float = Field(0.2, ge=0, le=1, description="Raise the bound when the learner waits for data "
