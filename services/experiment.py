@@ -223,17 +223,9 @@ def seed_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[fl
     An eval runs on the newest version when it is due, so seeds land on different updates (40 in one, 41 in the
     other): each curve is interpolated linearly onto the union of updates inside its own range, and a point is
     averaged over the seeds that cover it (intersecting the updates instead dropped most points of a busy run)."""
-    steps = sorted({x for c in curves for x, _ in c})
-    mean, lo, hi = [], [], []
-    kept = []
-    for x in steps:
-        ys = [float(np.interp(x, [a for a, _ in c], [b for _, b in c])) for c in curves if c and c[0][0] <= x <= c[-1][0]]
-        if ys:
-            kept.append(x)
-            mean.append(_mean(ys))
-            lo.append(min(ys))
-            hi.append(max(ys))
-    return kept, mean, lo, hi
+    at = {x: [float(np.interp(x, [a for a, _ in c], [b for _, b in c])) for c in curves if c[0][0] <= x <= c[-1][0]]
+          for x in sorted({x for c in curves for x, _ in c})}  # every x lies in the range of the curve it came from
+    return list(at), [_mean(y) for y in at.values()], [min(y) for y in at.values()], [max(y) for y in at.values()]
 
 
 def plot(results: list[CellResult], out: Path) -> Path:

@@ -67,12 +67,11 @@ def local_shortfall(cfg: Config, have: dict[str, float]) -> str | None:
     for bundle in [*learner_bundles(cfg), *rollout_bundles(cfg)]:
         for k, v in bundle.items():
             need[k] = need.get(k, 0.0) + v
-    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    short = {k for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if not short:
         return None
     lc, rc = cfg.learner, cfg.rollout
-    fix = (f"; to share the cores anyway, declare them: cluster.num_cpus={int(need['CPU'])}" if set(short) == {"CPU"}
-           else "")
+    fix = f"; to share the cores anyway, declare them: cluster.num_cpus={int(need['CPU'])}" if short == {"CPU"} else ""
     return (f"this machine's local Ray has {_fmt(have, need)}; the learner ({lc.num_processes} x "
             f"{learner_bundles(cfg)[0]}) and {rc.num_workers} rollout workers ({rollout_bundles(cfg)[0]} each) need "
             f"{_fmt(need, need)}: lower rollout.num_workers, rollout.cpu_threads or learner.cpu_threads{fix}")
