@@ -47,6 +47,7 @@ dedupe_window_s, and every push that returned an id is trained on or counted as 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from buffer.staleness import (
     staleness,
 )
 from buffer.stats import BufferStats, ProducerStats
-from buffer.trajectory import MalformedEntry, TrajectoryGroup, decode_group, encode_group
+from buffer.trajectory import FrameArena, MalformedEntry, TrajectoryGroup, decode_group
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class StalenessBuffer:
         self._ack = client.register_script(ACK_LUA)
         self._discard_entry = client.register_script(DISCARD_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._arenas = threading.local()  # a FrameArena per pushing thread: its frames live until its next push
         self._pool: dict[str, _Pooled] = {}
         self._delivered: dict[str, int] = {}  # id -> staleness, handed out and not acked yet
         self._last_claim = 0.0
@@ -167,7 +169,7 @@ class StalenessBuffer:
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.25)
 
-    def _queue_push(self, pipe, payloads: list[bytes], groups: list[TrajectoryGroup], worker_id: str) -> None:  # noqa: ANN001
+    def _queue_push(self, pipe, payloads: list[memoryview], groups: list[TrajectoryGroup], worker_id: str) -> None:  # noqa: ANN001
         """n XADDs + one accounting script for all of them, queued on a MULTI pipeline: together atomic (PUSH_LUA)."""
         c = self.cfg
         keys = [self.k_stream, self._grants(worker_id), self.k_state, self.k_slots, self.k_producers, self.k_workers]
@@ -185,14 +187,14 @@ class StalenessBuffer:
     def push(self, group: TrajectoryGroup, worker_id: str, *, timeout_s: float | None = None) -> str:
         """Append one group; while the stream holds `capacity_groups` entries, wait with backoff, and raise
         BufferFull after `timeout_s` (default cfg.push_timeout_s). Returns the entry id."""
-        return self._push_with_backoff(encode_group(group), group, worker_id, timeout_s)
+        return self._push_with_backoff(self._encode([group])[0], group, worker_id, timeout_s)
 
     def push_many(self, groups: list[TrajectoryGroup], worker_id: str, *, timeout_s: float | None = None) -> list[str]:
         """Append several groups in one round trip and one accounting script; those refused for lack of room then
         wait as in push."""
         if not groups:
             return []
-        payloads = [encode_group(g) for g in groups]
+        payloads = self._encode(groups)
         pipe = self.r.pipeline(transaction=True)
         self._queue_push(pipe, payloads, groups, worker_id)
         *ids, accepted = pipe.execute()
@@ -201,7 +203,13 @@ class StalenessBuffer:
             for p, g in zip(payloads[int(accepted) :], groups[int(accepted) :])
         ]
 
-    def _push_with_backoff(self, payload: bytes, group: TrajectoryGroup, worker_id: str, timeout_s) -> str:  # noqa: ANN001
+    def _encode(self, groups: list[TrajectoryGroup]) -> list[memoryview]:
+        arena = getattr(self._arenas, "arena", None)
+        if arena is None:
+            arena = self._arenas.arena = FrameArena()
+        return arena.encode(groups)
+
+    def _push_with_backoff(self, payload: memoryview, group: TrajectoryGroup, worker_id: str, timeout_s) -> str:  # noqa: ANN001
         timeout_s = self.cfg.push_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         delay = 0.005

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buffer.trajectory import (
+    FrameArena,
     MalformedEntry,
     Trajectory,
     TrajectoryGroup,
@@ -76,6 +77,20 @@ def test_wire_round_trip_is_bit_exact(group):
     del payload["schema"]
     _same(TrajectoryGroup.model_validate(payload), decoded)
     assert encode_group(decoded) == data
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(groups(), min_size=1, max_size=4), st.lists(groups(), min_size=1, max_size=4))
+def test_the_arena_writes_encode_groups_bytes_and_reuses_its_block(first, second):
+    # (the producer's push path: frames written into reused memory, sent to Redis as memoryviews)
+    arena = FrameArena()
+    views = arena.encode(first)
+    assert [bytes(v) for v in views] == [encode_group(g) for g in first]  # every frame, none overwriting another
+    block = arena._block
+    views = arena.encode(second)
+    assert [bytes(v) for v in views] == [encode_group(g) for g in second]
+    if sum(len(encode_group(g)) for g in second) <= block.size:
+        assert arena._block is block  # no new memory while the old block holds the batch
 
 
 def frame(payload: dict) -> bytes:
