@@ -4,21 +4,25 @@ End to end = what one policy update costs: WeightPublisher.publish (pack into bu
 with the WeightRegistry actor) + WeightsFetcher.fetch (ask the registry, ray.get each bucket) + copying every
 tensor into the receiver's preallocated torch tensors (what a load in place does). Baseline, same run, same
 bytes: copying every source tensor straight into the receiver tensors (memcpy). The figures are steady state:
-publishing repeats every update, and the first puts into a fresh object store pay its page faults, so every
-configuration is warmed up (keep_versions + 1 publishes) before the timed repeats (median reported).
+publishing repeats every update, so every configuration is warmed up (keep_versions + 1 publishes) before the
+timed repeats (median reported). Ray's store page-faults in every object it creates, warm or not, unless it was
+touched at start: `--prefault` (cluster.prefault_object_store) measures that setting.
 
-    .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 32 64 256] [--reps 5]
+    .venv/bin/python benchmarks/weights.py [--sizes-mb 100 1000] [--bucket-mb 32 64 256] [--reps 5] [--prefault]
 
 Prints one JSON object: per size and bucket size, GB/s end to end, of the fetch + load half alone (what a
 rollout worker waits for), and of memcpy, with the ratios to memcpy. `learner_wait_s`: what an update waits for
 with `weights.background=true` (the publish call returns once the weights are copied to host memory; the put and
 the registration run on a thread), with its ratio to memcpy (1.0: the learner waits for one copy, no more).
+`put_only_gbps`: ray.put of already-packed buckets alone, the object store's own speed, and the end-to-end
+ratio it allows a publisher that would not pack (put + fetch and load): no publisher through Ray does better.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -129,6 +134,17 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str, device: st
             if rep > KEEP_VERSIONS:
                 wait.append(waited)
                 memcpy_bg.append(memcpy())
+        # The object store's own speed: ray.put of packed, warm buckets (what any publisher through it pays, a
+        # bucket at a time; the registry still keeps its versions, as in steady state), and the end-to-end bound
+        # it sets without the pack pass: put + fetch and load.
+        warm = np.ones(min(bucket_mb << 20, nbytes), dtype=np.uint8)
+        put_s = []
+        for rep in range(KEEP_VERSIONS + 1 + reps):
+            t0 = time.perf_counter()
+            refs = [ray.put(warm) for _ in range(math.ceil(nbytes / warm.size))]
+            if rep > KEEP_VERSIONS:
+                put_s.append(time.perf_counter() - t0)
+        del refs
         med = statistics.median
         # Ratios per repeat (memcpy measured right after it), then the median: the machine's load drifts.
         rows.append({
@@ -141,6 +157,8 @@ def bench(size_mb: int, bucket_mbs: list[int], reps: int, dtype: str, device: st
             "memcpy_gbps": gbps(nbytes, med(memcpy_s)),
             "ratio_e2e_vs_memcpy": round(med(m / e for m, e in zip(memcpy_s, e2e)), 3),
             "ratio_fetch_load_vs_memcpy": round(med(m / f for m, f in zip(memcpy_s, fetch_load)), 3),
+            "put_only_gbps": gbps(nbytes, med(put_s)),
+            "bound_e2e_vs_memcpy_without_pack": round(med(memcpy_s) / (med(put_s) + med(fetch_load)), 3),
             "learner_wait_s": round(med(wait), 4),
             "ratio_memcpy_vs_learner_wait": round(med(m / w for m, w in zip(memcpy_bg, wait)), 3),
         })
@@ -159,10 +177,15 @@ def main() -> None:
                         help="rollout dtype; bfloat16: the baseline is the converting copy fp32 -> bf16")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the learner's weights live (auto: cuda when a GPU is visible)")
+    parser.add_argument("--prefault", action="store_true",
+                        help="touch the object store's memory at start (cluster.prefault_object_store), sized to"
+                             " what the run keeps (8 of the largest model)")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    store = dict(object_store_memory=8 * max(args.sizes_mb) << 20,
+                 _system_config={"preallocate_plasma_memory": True}) if args.prefault else {}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}, **store)
     try:
         results = [bench(size, args.bucket_mb, args.reps, args.dtype, device) for size in args.sizes_mb]
     finally:
@@ -173,6 +196,7 @@ def main() -> None:
                 " float32 learner weights, vs copying the same tensors directly (memcpy, converting when the"
                 " rollout dtype differs); steady state, medians of reps",
         "rollout_dtype": args.dtype,
+        "prefault_object_store": args.prefault,
         "device": device,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "ray": ray.__version__, "torch_threads": torch.get_num_threads()},

@@ -72,6 +72,14 @@ class ClusterConfig(BaseModel):
     # None: join the Ray cluster this process runs in (ray job submit) or else start a local one.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="Local Ray: CPUs to declare (default: all).")
+    object_store_gb: float | None = Field(None, gt=0, description="Local Ray: object store size (default: Ray's).")
+    # Ray's store page-faults in every object it creates (~1.6 GB/s here, 1/8 of memcpy): a 1 GB weight publish
+    # took 0.78 s, 0.29 s with the store touched once at start (benchmarks/weights.py, docs/weights.md). The cost:
+    # the store's whole size is resident from the start, and the start takes longer; so set object_store_gb too.
+    # A cluster's nodes: RAY_preallocate_plasma_memory=1 ray start ...
+    prefault_object_store: bool = Field(
+        False, description="Local Ray: touch all of the object store's memory at start (weights publish faster)."
+    )
     namespace: str = "staleflow"
     # Node roles: a custom Ray resource that marks the nodes of a role (`ray start --resources='{"learner": 1}'`).
     # Each of the role's processes asks for a sliver of it, so it runs only on marked nodes. None: any node.

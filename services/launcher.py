@@ -22,6 +22,7 @@ import ray._private.ray_constants as ray_constants
 
 from buffer.server import EmbeddedRedis, connect
 from services.config import Config
+from services.errors import NotStarted
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,16 @@ def start_redis(cfg: Config, stack: ExitStack, data_dir: Path | None) -> RedisEn
 
 def start_ray(cfg: Config, stack: ExitStack) -> bool:
     """Join the cluster we run in, or start a local one (stopped by `stack`). Returns True if local."""
+    c = cfg.cluster
+    address = c.address or os.environ.get("RAY_ADDRESS")
+    if (ray.is_initialized() or address) and (c.object_store_gb is not None or c.prefault_object_store):
+        # Ray fixes both when a node starts: a Ray that is already there cannot take them
+        raise NotStarted("cluster.object_store_gb and cluster.prefault_object_store set up a local Ray; this run "
+                         f"joins {address or 'the Ray already running'}: give them to its nodes' `ray start` "
+                         "(--object-store-memory, RAY_preallocate_plasma_memory=1)")
     if ray.is_initialized():
         return False
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    common = dict(namespace=cfg.cluster.namespace, log_to_driver=True, logging_level=logging.WARNING)
+    common = dict(namespace=c.namespace, log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **common)
         return False
@@ -59,11 +66,12 @@ def start_ray(cfg: Config, stack: ExitStack) -> bool:
     # imported, so the constant itself is set here. tests/test_security.py lists the sockets of a whole run.
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
-        num_cpus=cfg.cluster.num_cpus,
+        num_cpus=c.num_cpus,
+        object_store_memory=None if c.object_store_gb is None else int(c.object_store_gb * 1e9),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         # Ray starts workers at nice 15; ours are the learner and the engines (see services/actors.py)
-        _system_config={"worker_niceness": 0},
+        _system_config={"worker_niceness": 0, "preallocate_plasma_memory": c.prefault_object_store},
         **common,
     )
     stack.callback(ray.shutdown)

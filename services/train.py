@@ -475,10 +475,9 @@ def run_train(cfg: Config, resume: Path | None = None) -> int:
             stack.callback(signal.signal, sig, signal.signal(sig, signal.default_int_handler))
         redis = start_redis(cfg, stack, data_dir=run_dir / "redis")
         model_dir = resolve_model(cfg)
-        if start_ray(cfg, stack) and (short := local_shortfall(cfg, ray.cluster_resources())):
-            console.print(f"[bold red]error:[/] {short}")
-            return 1
         try:
+            if start_ray(cfg, stack) and (short := local_shortfall(cfg, ray.cluster_resources())):
+                raise NotStarted(short)
             run = Run(cfg, run_dir, redis, model_dir)
         except NotStarted as exc:  # one line; what it started goes with Ray (local) or with this job (cluster)
             console.print(f"[bold red]error:[/] {exc}")

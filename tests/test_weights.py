@@ -5,7 +5,10 @@ Real Ray (one local instance for the module), a real DeepSpeed ZeRO-2 engine on 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +96,45 @@ def test_unpack_rejects_a_bucket_that_does_not_match():
 
 
 # ------------------------------------------------------------------------------------------- with Ray
+
+
+_RAYLET_SHARED = """
+import sys
+from contextlib import ExitStack
+
+import psutil
+
+from services.config import load_config
+from services.launcher import start_ray
+
+cfg = load_config([], ["cluster.num_cpus=1", "cluster.object_store_gb=0.25", "cluster.prefault_object_store=" + sys.argv[1]])
+with ExitStack() as stack:
+    assert start_ray(cfg, stack)
+    (raylet,) = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
+    print(raylet.memory_full_info().shared)
+"""
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_a_prefaulted_local_object_store_is_resident_from_the_start(prefault):
+    """cluster.prefault_object_store: the local Ray's store (in its raylet) is touched at start, so that puts
+    do not page-fault (the weights' publish speed, docs/weights.md); without it the store is not resident."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", _RAYLET_SHARED, str(prefault).lower()], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shared = int(out.stdout.split()[-1])
+    assert (shared > 0.9 * 0.25e9) if prefault else (shared < 0.5 * 0.25e9), shared
+
+
+def test_store_settings_are_refused_for_a_ray_that_is_already_there():
+    from services.config import load_config
+    from services.errors import NotStarted
+    from services.launcher import start_ray
+
+    cfg = load_config([], ["cluster.address=127.0.0.1:1", "cluster.prefault_object_store=true"])
+    with pytest.raises(NotStarted, match="RAY_preallocate_plasma_memory=1"):  # before any connection is tried
+        start_ray(cfg, contextlib.ExitStack())
 
 
 @pytest.fixture(scope="module")
