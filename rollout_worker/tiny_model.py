@@ -73,6 +73,9 @@ class WarmStart:
     # its own columns).
     task: str = "arithmetic"
     digits: int = 3
+    # The model it warms up is part of the recipe: its width (128: the demo's; 256: ~3.5x the parameters, a
+    # generation-heavier CPU workload, #16). Heads of 32 (vLLM's CPU attention needs >= 32), MLP 3x the width.
+    hidden_size: int = 128
 
 
 DEFAULT_WARM_START = WarmStart()
@@ -83,11 +86,12 @@ DEFAULT_WARM_START = WarmStart()
 LONG_ADDITION_WARM_START = WarmStart(task="long_addition", steps=4000, carry_drop=0.6)
 
 
-def warm_start_for(task: str, digits: int = 3) -> WarmStart:
-    """The warm start that teaches `task` (the run's task.name): the demo's, or the long-answer task's."""
+def warm_start_for(task: str, digits: int = 3, hidden_size: int = 128) -> WarmStart:
+    """The warm start that teaches `task` (the run's task.name): the demo's, or the long-answer task's, of a
+    model `hidden_size` wide."""
     if task == "long_addition":
-        return replace(LONG_ADDITION_WARM_START, digits=digits)
-    return DEFAULT_WARM_START
+        return replace(LONG_ADDITION_WARM_START, digits=digits, hidden_size=hidden_size)
+    return replace(DEFAULT_WARM_START, hidden_size=hidden_size)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -112,18 +116,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(vocab_size: int, num_hidden_layers: int = 3) -> Qwen2Config:
+def tiny_config(vocab_size: int, num_hidden_layers: int = 3, hidden_size: int = 128) -> Qwen2Config:
     # 3 layers, not 2: after the same warm start a 2-layer model's RL plateau is ~0.80 (it never learns the
     # carry rule well enough); 3 layers plateau at ~0.90, the headroom the demo's >= 0.8 target needs.
     # head_dim 32 (128 / 4): vLLM's CPU attention rejects head_dim < 32. Tied embeddings like the small Qwen2.5
     # models, so the demo exercises the same weight-sync path (one tensor serves embed_tokens and lm_head).
     return Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
         num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=max(2, hidden_size // 64),
         max_position_embeddings=512,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
@@ -141,7 +145,7 @@ def recipe_hash(seed: int, warm_start: WarmStart | None = DEFAULT_WARM_START) ->
     recipe = {
         "version": RECIPE_VERSION,
         "seed": seed,
-        "config": tiny_config(len(tok)).to_diff_dict(),
+        "config": tiny_config(len(tok), hidden_size=_hidden(warm_start)).to_diff_dict(),
         "vocab": tok.backend_tokenizer.to_str(),
         "warm_start": _recipe_fields(warm_start),
         "torch": torch.__version__,
@@ -158,7 +162,13 @@ def _recipe_fields(ws: WarmStart | None) -> dict | None:
     fields = asdict(ws)
     if ws.task == "arithmetic":
         del fields["task"], fields["digits"]
+    if ws.hidden_size == 128:  # (the config above carries it)
+        del fields["hidden_size"]
     return fields
+
+
+def _hidden(ws: WarmStart | None) -> int:
+    return 128 if ws is None else ws.hidden_size
 
 
 def build_tiny_model(
@@ -169,7 +179,7 @@ def build_tiny_model(
     out = Path(out_dir)
     tok = build_tokenizer()
     with _deterministic(seed):
-        model = Qwen2ForCausalLM(tiny_config(len(tok)))
+        model = Qwen2ForCausalLM(tiny_config(len(tok), hidden_size=_hidden(ws)))
         if ws is not None:
             t0 = time.perf_counter()
             loss = _warm_start(model, tok, ws, seed)

@@ -106,11 +106,14 @@ def build_tiny(
     task: str = typer.Option("arithmetic", "--task", help="The task its warm start teaches: arithmetic or "
                              "long_addition."),
     digits: int = typer.Option(3, "--digits", help="long_addition: digits of each operand."),
+    hidden: int = typer.Option(128, "--hidden", help="The model's width: 128 (the demo's) or 256."),
 ) -> None:
     """Build (or reuse) the deterministic tiny Qwen2 model for CPU runs."""
     from rollout_worker.tiny_model import ensure_tiny_model, warm_start_for
 
-    typer.echo(ensure_tiny_model(out, seed=seed, force=force, warm_start=warm_start_for(task, digits)))
+    if hidden not in (128, 256):
+        raise typer.BadParameter("128 or 256", param_hint="--hidden")
+    typer.echo(ensure_tiny_model(out, seed=seed, force=force, warm_start=warm_start_for(task, digits, hidden)))
 
 
 @app.command()

@@ -33,6 +33,7 @@ class ModelConfig(BaseModel):
     path: str = "tiny"
     tiny_dir: str = ".cache/staleflow/tiny-model"
     tiny_seed: int = 0
+    tiny_hidden: Literal[128, 256] = Field(128, description="The tiny model's width: 128 (the demo's) or 256.")
 
 
 class WeightsConfig(BaseModel):

@@ -253,8 +253,9 @@ def resolve_model(cfg: Config) -> str:
     from rollout_worker.tiny_model import ensure_tiny_model, warm_start_for
 
     # The warm start teaches the run's task; each task's build has its own folder (no rebuild when switching).
-    ws = warm_start_for(cfg.task.name, cfg.task.long_addition_digits)
+    ws = warm_start_for(cfg.task.name, cfg.task.long_addition_digits, cfg.model.tiny_hidden)
     folder = cfg.model.tiny_dir if ws.task == "arithmetic" else f"{cfg.model.tiny_dir}-{ws.task}{ws.digits}"
+    folder += "" if ws.hidden_size == 128 else f"-h{ws.hidden_size}"
     with console.status("building the tiny CPU model (once; cached)"):
         return str(Path(ensure_tiny_model(Path(folder), seed=cfg.model.tiny_seed, warm_start=ws)).resolve())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from rollout_worker.tiny_model import (
     EOS_ID,
     STAMP,
     WarmStart,
+    _recipe_fields,
     _sft_batches,
     _without_carries,
     build_tiny_model,
@@ -72,6 +74,20 @@ def test_the_long_addition_warm_start_teaches_worked_sums_with_some_carries_drop
         dropped += sum(lost)
         assert (answer == right) == (not any(lost)), (answer, right)
     assert carries > 20 and 0.35 < dropped / carries < 0.85, (carries, dropped)
+
+
+def test_a_wider_tiny_model_is_its_own_build_and_the_demos_stamp_stays(tmp_path) -> None:
+    """model.tiny_hidden=256: a model twice as wide (32-wide heads, as vLLM's CPU attention needs), its own
+    recipe; the 128-wide builds keep the stamp they had before the width was part of the recipe."""
+    from safetensors import safe_open
+
+    wide = replace(SHORT, hidden_size=256)
+    assert recipe_hash(0, wide) != recipe_hash(0, SHORT)
+    assert "hidden_size" not in _recipe_fields(SHORT)  # so cached 128-wide builds are not rebuilt
+    out = build_tiny_model(tmp_path / "w", seed=0, warm_start=wide)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [768, 256]
+        assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [128, 256]  # 4 kv heads of 32
 
 
 @pytest.fixture(scope="module")
