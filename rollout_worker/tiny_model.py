@@ -73,7 +73,7 @@ class WarmStart:
     # its own columns).
     task: str = "arithmetic"
     digits: int = 3
-    # The model it warms up is part of the recipe: its width (128: the demo's; 256: ~3.5x the parameters, a
+    # The model it warms up is part of the recipe: its width (128: the demo's; 256: 4x the parameters, a
     # generation-heavier CPU workload, #16). Heads of 32 (vLLM's CPU attention needs >= 32), MLP 3x the width.
     hidden_size: int = 128
 

@@ -74,8 +74,9 @@ class ClusterConfig(BaseModel):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="Local Ray: CPUs to declare (default: all).")
     object_store_gb: float | None = Field(None, gt=0, description="Local Ray: object store size (default: Ray's).")
-    # Ray's store page-faults in every object it creates (~1.6 GB/s here, 1/8 of memcpy): a 1 GB weight publish
-    # took 0.78 s, 0.29 s with the store touched once at start (benchmarks/weights.py, docs/weights.md). The cost:
+    # Ray's store page-faults in every object it creates (put ~1.6 GB/s here, 1/8 of memcpy): a 1 GB weight
+    # publish took 0.29-0.78 s from run to run, 0.28-0.31 s with the store touched once at start (put 7-10 GB/s;
+    # benchmarks/weights.py, docs/weights.md). The cost:
     # the store's whole size is resident from the start, and the start takes longer; so set object_store_gb too.
     # A cluster's nodes: RAY_preallocate_plasma_memory=1 ray start ...
     prefault_object_store: bool = Field(
