@@ -201,9 +201,9 @@ def main() -> None:
 
     base = [a.config, *a.overrides, f"learner.total_steps={a.updates}"]
     cfg = load_config([a.config], [*a.overrides])
-    runs_dir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    sync = train_rate([*base, "buffer.policy=fixed", "buffer.max_staleness=0"], "sync", runs_dir)
-    asyn = train_rate(base, "async", runs_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as runs_dir:  # the two runs' folders go with it
+        sync = train_rate([*base, "buffer.policy=fixed", "buffer.max_staleness=0"], "sync", Path(runs_dir))
+        asyn = train_rate(base, "async", Path(runs_dir))
     with stdout_to_stderr():
         sa = standalone(cfg, a.rollout_batches, a.learner_updates)
     slower = min(sa["rollout_samples_per_s"], sa["learner_samples_per_s"])

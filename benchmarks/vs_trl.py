@@ -164,13 +164,14 @@ def main() -> None:
     cfg = load_config([a.config], a.overrides)
     model_dir = Path(resolve_model(cfg))
     base = [a.config, *a.overrides, f"learner.total_steps={a.updates}", f"learner.eval_every={a.eval_every}"]
-    runs_dir = Path(tempfile.mkdtemp(prefix="bench-vs-trl-"))
     with stdout_to_stderr():
         res = {"trl": trl_run(cfg, model_dir, a.updates, a.eval_every)}
     if not a.skip_staleflow:
-        res["staleflow_sync"] = staleflow_run([*base, "buffer.policy=fixed", "buffer.max_staleness=0"], "sync",
-                                              runs_dir)
-        res["staleflow_async"] = staleflow_run(base, "async", runs_dir)
+        with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:  # the two runs' folders go with it
+            runs_dir = Path(tmp)
+            res["staleflow_sync"] = staleflow_run([*base, "buffer.policy=fixed", "buffer.max_staleness=0"], "sync",
+                                                  runs_dir)
+            res["staleflow_async"] = staleflow_run(base, "async", runs_dir)
     best = {k: max([acc for *_, acc in v["curve"]] + [v["final_accuracy"]]) for k, v in res.items()}
     target = min(best.values())
     out = {
