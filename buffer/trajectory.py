@@ -300,8 +300,9 @@ class FrameArena:
         heads = [_frame_head(g) for g in groups]
         tokens = [sum(len(t.prompt_ids) + 3 * len(t.response_ids) for t in g.trajectories) for g in groups]
         total = sum(len(h) for h in heads) + 4 * sum(tokens)
-        if self._block.size < total:  # a new block: views still held elsewhere keep the old one alive
-            self._block = np.empty(max(total, 2 * self._block.size), dtype=np.uint8)
+        if self._block.size < total:  # a new block (views still held elsewhere keep the old one alive), with
+            # room for batches a little larger: the memory held stays ~ the largest batch pushed
+            self._block = np.empty(total + total // 4, dtype=np.uint8)
         block, view = self._block, memoryview(self._block)
         out, end = [], 0
         for group, head in zip(groups, heads):
