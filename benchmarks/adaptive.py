@@ -127,11 +127,12 @@ def main() -> None:
     bounds = [int(x) for x in a.bounds.split(",")]
     delays = [float(x) for x in a.delays.split(",")]
     from services.config import load_config
+    from services.placement import learner_bundles, rollout_bundles
 
-    cfg = load_config([a.config], a.overrides)
+    cfg = load_config([a.config], [*a.overrides, f"rollout.num_workers={len(delays)}"])
     # The learner and every worker take their threads' CPUs; a 2-core machine declares 3 (the second worker sleeps
     # between batches, so the three share the cores), else the local Ray refuses the run.
-    cpus = cfg.learner.cpu_threads * cfg.learner.num_processes + cfg.rollout.cpu_threads * len(delays)
+    cpus = int(sum(b.get("CPU", 0) for b in [*learner_bundles(cfg), *rollout_bundles(cfg)]))
     common = [a.config, f"learner.total_steps={a.updates}", f"learner.eval_every={a.eval_every}",
               f"rollout.num_workers={len(delays)}", f"rollout.delay_s=[{','.join(map(str, delays))}]",
               "buffer.updates_per_batch=1", f"cluster.num_cpus={max(cpus, os.cpu_count() or 1)}", *a.overrides]
